@@ -1,0 +1,197 @@
+//! `berth check`: what this host offers berth, one line per item.
+
+use std::path::{Path, PathBuf};
+
+pub struct Item {
+    pub name: &'static str,
+    pub ok: bool,
+    /// Needed to run pods; a failed optional item is a warning.
+    pub required: bool,
+    pub detail: String,
+    pub hint: &'static str,
+}
+
+/// Finds the cgroup2 mount point from /proc/self/mountinfo (hybrid hosts mount
+/// it at /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn kernel_version() -> (String, (u32, u32)) {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse::<u32>().ok());
+    let v = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+    (release, v)
+}
+
+fn read(p: &str) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn in_path(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+pub fn run_checks() -> Vec<Item> {
+    let mut items = Vec::new();
+    let (release, (major, minor)) = kernel_version();
+    items.push(Item {
+        name: "kernel",
+        ok: (major, minor) >= (5, 10),
+        required: true,
+        detail: release,
+        hint: "berth needs Linux 5.10 or newer (6.3+ for idmapped tmpfs/user-namespaced pods)",
+    });
+    match cgroup2_mount() {
+        Some(m) => {
+            let ctrls = read(&m.join("cgroup.controllers").to_string_lossy());
+            let ctrls = ctrls.trim().to_string();
+            let wanted = ["cpu", "memory", "pids"];
+            let missing: Vec<&str> = wanted
+                .iter()
+                .copied()
+                .filter(|c| !ctrls.split_whitespace().any(|x| x == *c))
+                .collect();
+            items.push(Item {
+                name: "cgroup v2",
+                ok: true,
+                required: true,
+                detail: format!("mounted at {}", m.display()),
+                hint: "",
+            });
+            items.push(Item {
+                name: "cgroup v2 controllers",
+                ok: missing.is_empty(),
+                required: true,
+                detail: if ctrls.is_empty() {
+                    "none available".to_string()
+                } else {
+                    format!("available: {ctrls}")
+                },
+                hint: "limits need cpu, memory and pids on the cgroup2 root (boot with systemd.unified_cgroup_hierarchy=1 or cgroup_no_v1=all); development hosts may set cgroup.allow_missing_controllers",
+            });
+        }
+        None => items.push(Item {
+            name: "cgroup v2",
+            ok: false,
+            required: true,
+            detail: "no cgroup2 mount in /proc/self/mountinfo".into(),
+            hint: "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup)",
+        }),
+    }
+    let fs = read("/proc/filesystems");
+    let overlay = fs.lines().any(|l| l.trim_end().ends_with("overlay"));
+    items.push(Item {
+        name: "overlayfs",
+        ok: overlay || Path::new("/sys/module/overlay").exists(),
+        required: true,
+        detail: if overlay {
+            "available".into()
+        } else {
+            "not in /proc/filesystems".into()
+        },
+        hint: "modprobe overlay",
+    });
+    let max_userns = read("/proc/sys/user/max_user_namespaces")
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0);
+    items.push(Item {
+        name: "user namespaces",
+        ok: max_userns > 0,
+        required: false,
+        detail: format!("max_user_namespaces={max_userns}"),
+        hint: "sysctl user.max_user_namespaces=15000 (needed for pods with hostUsers: false)",
+    });
+    let nft =
+        Path::new("/sys/module/nf_tables").exists() || read("/proc/modules").contains("nf_tables");
+    items.push(Item {
+        name: "nftables",
+        ok: nft,
+        required: false,
+        detail: if nft {
+            "nf_tables loaded".into()
+        } else {
+            "nf_tables module not loaded".into()
+        },
+        hint: "modprobe nf_tables (needed for host ports and egress NAT)",
+    });
+    let status = read("/proc/self/status");
+    let seccomp = status.lines().any(|l| l.starts_with("Seccomp:"));
+    items.push(Item {
+        name: "seccomp",
+        ok: seccomp,
+        required: true,
+        detail: if seccomp {
+            "supported".into()
+        } else {
+            "no Seccomp field in /proc/self/status".into()
+        },
+        hint: "a kernel built with CONFIG_SECCOMP_FILTER",
+    });
+    // berth does everything itself; these are only used by optional features.
+    for (bin, hint) in [(
+        "nft",
+        "optional: apt-get install nftables (debugging berth's rules)",
+    )] {
+        let p = in_path(bin);
+        items.push(Item {
+            name: "binary nft",
+            ok: p.is_some(),
+            required: false,
+            detail: p
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| format!("{bin} not in PATH")),
+            hint,
+        });
+    }
+    items
+}
+
+/// Prints the report; returns whether every required item is OK.
+pub fn print_report(items: &[Item]) -> bool {
+    let mut all = true;
+    for i in items {
+        let tag = match (i.ok, i.required) {
+            (true, _) => "OK  ",
+            (false, true) => "FAIL",
+            (false, false) => "WARN",
+        };
+        if !i.ok && i.required {
+            all = false;
+        }
+        if i.ok {
+            println!("{tag} {:<24} {}", i.name, i.detail);
+        } else {
+            println!("{tag} {:<24} {} (hint: {})", i.name, i.detail, i.hint);
+        }
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checks_run_and_name_the_kernel() {
+        let items = super::run_checks();
+        assert!(items
+            .iter()
+            .any(|i| i.name == "kernel" && !i.detail.is_empty()));
+    }
+}

@@ -1,0 +1,250 @@
+//! berth's configuration: a TOML file (default /etc/berth/config.toml when it
+//! exists) with command-line flags layered on top.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parse config {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// CRI gRPC socket.
+    pub socket: PathBuf,
+    /// Persistent state: content store, layers, image index, pods, containers.
+    pub root: PathBuf,
+    /// Volatile state, wiped by a reboot.
+    pub state_dir: PathBuf,
+    /// containers-registries.conf(5) v2 file with mirrors and registry settings.
+    pub registries_config: PathBuf,
+    /// tracing filter: error, warn, info, debug, trace or a full EnvFilter directive.
+    pub log_level: String,
+    pub image: ImageConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Per-registry CA certificates: `<certs_dir>/<host[:port]>/*.crt` (PEM).
+    pub certs_dir: PathBuf,
+    /// Extra PEM CA files trusted for every registry.
+    pub ca_files: Vec<PathBuf>,
+    /// Layers downloaded at once per pull.
+    pub max_concurrent_downloads: usize,
+    /// Seconds without progress after which a registry request is abandoned.
+    pub registry_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: PathBuf::from("/run/berth/berth.sock"),
+            root: PathBuf::from("/var/lib/berth"),
+            state_dir: PathBuf::from("/run/berth"),
+            registries_config: PathBuf::from("/etc/berth/registries.conf"),
+            log_level: "info".into(),
+            image: ImageConfig::default(),
+        }
+    }
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            certs_dir: PathBuf::from("/etc/berth/certs.d"),
+            ca_files: Vec::new(),
+            max_concurrent_downloads: 3,
+            registry_timeout_secs: 60,
+        }
+    }
+}
+
+/// Values given on the command line; each overrides the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub socket: Option<PathBuf>,
+    pub root: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub registries_config: Option<PathBuf>,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` if given (it must exist), else the default path if it
+    /// exists, else the built-in defaults; then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => Self::from_file(p)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = overrides.socket {
+            cfg.socket = v;
+        }
+        if let Some(v) = overrides.root {
+            cfg.root = v;
+        }
+        if let Some(v) = overrides.state_dir {
+            cfg.state_dir = v;
+        }
+        if let Some(v) = overrides.registries_config {
+            cfg.registries_config = v;
+        }
+        if let Some(v) = overrides.log_level {
+            cfg.log_level = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, p) in [
+            ("socket", &self.socket),
+            ("root", &self.root),
+            ("state_dir", &self.state_dir),
+        ] {
+            if !p.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{} is not an absolute path", p.display()),
+                });
+            }
+        }
+        if self.image.max_concurrent_downloads == 0 {
+            return Err(ConfigError::Invalid {
+                key: "image.max_concurrent_downloads",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The full default configuration, one comment per key (`berth config default`).
+pub fn default_toml() -> String {
+    let d = Config::default();
+    format!(
+        r#"# berth configuration (TOML). Every key is optional; shown are the defaults.
+# Command-line flags of `berth serve` override these values.
+
+# Unix socket serving the CRI v1 RuntimeService and ImageService (mode 0660).
+socket = "{socket}"
+
+# Persistent state: content store, unpacked layers, image index, pods, containers.
+root = "{root}"
+
+# Volatile state (sockets, netns pins); expected on a tmpfs wiped at boot.
+state_dir = "{state_dir}"
+
+# containers-registries.conf(5) version 2 file: [[registry]] prefix/location/
+# insecure/blocked and [[registry.mirror]] entries. Ignored when absent.
+registries_config = "{registries}"
+
+# Log filter for stderr: error, warn, info, debug, trace (or an EnvFilter directive).
+log_level = "{log_level}"
+
+[image]
+# Per-registry CA certificates, as <certs_dir>/<host[:port]>/*.crt (PEM).
+certs_dir = "{certs_dir}"
+
+# Extra PEM CA files trusted for every registry.
+ca_files = []
+
+# How many layers of one pull download at the same time.
+max_concurrent_downloads = {mcd}
+
+# Seconds a registry connection may stall before the request fails.
+registry_timeout_secs = {rts}
+"#,
+        socket = d.socket.display(),
+        root = d.root.display(),
+        state_dir = d.state_dir.display(),
+        registries = d.registries_config.display(),
+        log_level = d.log_level,
+        certs_dir = d.image.certs_dir.display(),
+        mcd = d.image.max_concurrent_downloads,
+        rts = d.image.registry_timeout_secs,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_parses_to_defaults() {
+        assert_eq!(
+            Config::from_toml(&default_toml()).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_toml("sockett = \"/x\"").unwrap_err();
+        assert!(e.to_string().contains("sockett"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "root = \"/srv/berth\"\nlog_level = \"warn\"\n").unwrap();
+        let cfg = Config::load(
+            Some(&p),
+            Overrides {
+                log_level: Some("debug".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.root, PathBuf::from("/srv/berth"));
+        assert_eq!(cfg.log_level, "debug");
+    }
+
+    #[test]
+    fn relative_paths_are_invalid() {
+        let e = Config::load(
+            None,
+            Overrides {
+                root: Some("rel".into()),
+                ..Default::default()
+            },
+        );
+        // Only meaningful when no system config file overrides the flag.
+        assert!(e.is_err());
+    }
+}

@@ -1,0 +1,1116 @@
+//! Pulling an image: resolve the reference through registries.conf (mirrors
+//! first), fetch and verify the manifest (choosing this platform from an
+//! index), download layers concurrently into the content store (each blob
+//! checked against digest and size), unpack them in order, each verified
+//! against its diff_id, and only then record the image in the index.
+//!
+//! The registry protocol (auth challenges, tokens, HTTP) is oci-client's; what
+//! it lacks (mirrors, digest-verified streaming into our store, platform
+//! variants, layer pipelining) is here.
+
+use super::reference::{parse_digest, ImageRef};
+use super::registries::{Endpoint, RegistriesConf, Resolution};
+use super::store::{hex_of, ImageRecord, ImageStore, ImageStoreError, LayerRecord};
+use super::unpack::{unpack_layer, UnpackError};
+use crate::config::ImageConfig;
+use futures::StreamExt;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const MAX_MANIFEST_BYTES: usize = 4 << 20;
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("pull {image}: registry {prefix} is blocked by the registries config")]
+    Blocked { image: String, prefix: String },
+    #[error("pull {image}: not found: {detail}")]
+    NotFound { image: String, detail: String },
+    #[error("pull {image}: authentication failed: {detail}")]
+    Unauthorized { image: String, detail: String },
+    #[error("pull {image}: registry unavailable: {detail}")]
+    Unavailable { image: String, detail: String },
+    #[error("pull {image}: {detail}")]
+    Registry { image: String, detail: String },
+    #[error("pull {image}: {what} {digest}: content does not match its digest/size: {detail}")]
+    Integrity {
+        image: String,
+        what: &'static str,
+        digest: String,
+        detail: String,
+    },
+    #[error("pull {image}: unsupported image: {detail}")]
+    Unsupported { image: String, detail: String },
+    #[error("pull {image}: layer {digest} rejected: {source}")]
+    BadLayer {
+        image: String,
+        digest: String,
+        source: UnpackError,
+    },
+    #[error("pull {image}: bad credentials in the request: {detail}")]
+    BadAuth { image: String, detail: String },
+    #[error("pull {image}: {source}")]
+    Store {
+        image: String,
+        source: ImageStoreError,
+    },
+    #[error("pull {image}: {detail}")]
+    Internal { image: String, detail: String },
+}
+
+/// Credentials as the CRI AuthConfig carries them.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+    pub auth: String,
+    pub identity_token: String,
+    pub registry_token: String,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize, Default)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    variant: String,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "schemaVersion", default)]
+    schema_version: i64,
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+}
+
+#[derive(Deserialize, Default)]
+struct ImageConfigJson {
+    #[serde(default)]
+    config: Option<ContainerConfigJson>,
+    #[serde(default)]
+    rootfs: Option<RootFs>,
+}
+
+#[derive(Deserialize, Default)]
+struct ContainerConfigJson {
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+fn layer_compression(media_type: &str) -> Option<Compression> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
+        _ => None,
+    }
+}
+
+pub struct Puller {
+    store: Arc<ImageStore>,
+    registries: RegistriesConf,
+    cfg: ImageConfig,
+    /// One download per blob and one unpack per layer, whatever the number of
+    /// pulls that need it at once.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    downloads: Arc<tokio::sync::Semaphore>,
+}
+
+struct PullCtx {
+    image: String,
+    client: Client,
+    reference: Reference,
+}
+
+impl Puller {
+    pub fn new(store: Arc<ImageStore>, registries: RegistriesConf, cfg: ImageConfig) -> Puller {
+        let downloads = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_downloads));
+        Puller {
+            store,
+            registries,
+            cfg,
+            locks: Mutex::new(HashMap::new()),
+            downloads,
+        }
+    }
+
+    /// Pulls `image` and returns its record.
+    pub async fn pull(
+        self: &Arc<Self>,
+        image: &str,
+        creds: Credentials,
+    ) -> Result<ImageRecord, PullError> {
+        let wanted = ImageRef::parse(image).map_err(|e| PullError::Unsupported {
+            image: image.to_string(),
+            detail: e.to_string(),
+        })?;
+        let name = wanted.to_string();
+        let auth = registry_auth(&creds).map_err(|detail| PullError::BadAuth {
+            image: name.clone(),
+            detail,
+        })?;
+        let endpoints = match self.registries.resolve(&wanted) {
+            Resolution::Blocked { prefix } => {
+                return Err(PullError::Blocked {
+                    image: name,
+                    prefix,
+                })
+            }
+            Resolution::Endpoints(e) => e,
+        };
+        let mut failures: Vec<(Endpoint, PullError)> = Vec::new();
+        for ep in endpoints {
+            match self.pull_from(&wanted, &ep, &auth).await {
+                Ok(rec) => return Ok(rec),
+                // Content that fails verification or is unsafe is the image's
+                // fault, not the endpoint's: trying elsewhere would hide it.
+                Err(
+                    e @ (PullError::Integrity { .. }
+                    | PullError::BadLayer { .. }
+                    | PullError::Store { .. }),
+                ) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(image = %name, endpoint = %ep.reference, error = %e, "pull from endpoint failed");
+                    failures.push((ep, e));
+                }
+            }
+        }
+        let Some((_, last)) = failures.pop() else {
+            return Err(PullError::Internal {
+                image: name,
+                detail: "no registry endpoint to pull from".into(),
+            });
+        };
+        if failures.is_empty() {
+            return Err(last);
+        }
+        // Report the registry's own answer, mention the mirrors tried before.
+        let tried: Vec<String> = failures
+            .iter()
+            .map(|(ep, e)| format!("mirror {}: {e}", ep.reference.domain))
+            .collect();
+        Err(with_detail(
+            last,
+            &format!(" (also tried {})", tried.join("; ")),
+        ))
+    }
+
+    fn client_for(&self, ep: &Endpoint) -> Result<Client, String> {
+        let host = &ep.reference.domain;
+        let mut certs = Vec::new();
+        let host_dir = self.cfg.certs_dir.join(host);
+        let mut files: Vec<PathBuf> = self.cfg.ca_files.clone();
+        if let Ok(rd) = std::fs::read_dir(&host_dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "crt" || x == "pem") {
+                    files.push(p);
+                }
+            }
+        }
+        for f in files {
+            let data =
+                std::fs::read(&f).map_err(|e| format!("read CA file {}: {e}", f.display()))?;
+            certs.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let timeout = Duration::from_secs(self.cfg.registry_timeout_secs.max(1));
+        let config = ClientConfig {
+            protocol: if ep.insecure {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            extra_root_certificates: certs,
+            platform_resolver: None,
+            read_timeout: Some(timeout),
+            connect_timeout: Some(timeout),
+            user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        Client::try_from(config).map_err(|e| format!("registry client for {host}: {e}"))
+    }
+
+    async fn pull_from(
+        self: &Arc<Self>,
+        wanted: &ImageRef,
+        ep: &Endpoint,
+        auth: &RegistryAuth,
+    ) -> Result<ImageRecord, PullError> {
+        let image = wanted.to_string();
+        let client = self.client_for(ep).map_err(|detail| PullError::Internal {
+            image: image.clone(),
+            detail,
+        })?;
+        let r = &ep.reference;
+        let reference = match (&r.digest, &r.tag) {
+            (Some(d), _) => Reference::with_digest(r.domain.clone(), r.path.clone(), d.clone()),
+            (None, Some(t)) => Reference::with_tag(r.domain.clone(), r.path.clone(), t.clone()),
+            (None, None) => unreachable_tag(&image)?,
+        };
+        let ctx = Arc::new(PullCtx {
+            image: image.clone(),
+            client,
+            reference,
+        });
+        // The top-level manifest: its digest is the image's repo digest.
+        let (top_bytes, _) = ctx
+            .client
+            .pull_manifest_raw(
+                &ctx.reference,
+                auth,
+                &[
+                    MT_OCI_MANIFEST,
+                    MT_DOCKER_MANIFEST,
+                    MT_OCI_INDEX,
+                    MT_DOCKER_LIST,
+                ],
+            )
+            .await
+            .map_err(|e| classify(&image, "manifest", e))?;
+        let top_digest = verify_manifest(&image, &top_bytes, r.digest.as_deref())?;
+        let mut manifests = vec![top_digest.clone()];
+        let mut stored_manifests = vec![(top_digest.clone(), top_bytes.to_vec())];
+        let mut manifest = parse_manifest(&image, &top_bytes)?;
+        if manifest.manifests.is_some() {
+            let chosen =
+                choose_platform(manifest.manifests.as_deref().unwrap_or(&[])).ok_or_else(|| {
+                    PullError::Unsupported {
+                        image: image.clone(),
+                        detail: format!(
+                            "the image index has no manifest for linux/{}",
+                            host_arch().0
+                        ),
+                    }
+                })?;
+            let by_digest = Reference::with_digest(
+                ctx.reference.registry().to_string(),
+                ctx.reference.repository().to_string(),
+                chosen.clone(),
+            );
+            let (bytes, _) = ctx
+                .client
+                .pull_manifest_raw(&by_digest, auth, &[MT_OCI_MANIFEST, MT_DOCKER_MANIFEST])
+                .await
+                .map_err(|e| classify(&image, "manifest", e))?;
+            let d = verify_manifest(&image, &bytes, Some(&chosen))?;
+            manifest = parse_manifest(&image, &bytes)?;
+            if manifest.manifests.is_some() {
+                return Err(PullError::Unsupported {
+                    image,
+                    detail: format!("manifest {d} is a nested index"),
+                });
+            }
+            manifests.push(d.clone());
+            stored_manifests.push((d, bytes.to_vec()));
+        }
+        let (config_desc, layer_descs) = match (manifest.config, manifest.layers) {
+            (Some(c), Some(l)) => (c, l),
+            _ => {
+                return Err(PullError::Unsupported {
+                    image,
+                    detail: "manifest has no config or no layers".into(),
+                })
+            }
+        };
+        parse_digest(&config_desc.digest).map_err(|detail| PullError::Unsupported {
+            image: image.clone(),
+            detail,
+        })?;
+        if config_desc.size > MAX_CONFIG_BYTES {
+            return Err(PullError::Unsupported {
+                image,
+                detail: format!("config blob of {} bytes is too large", config_desc.size),
+            });
+        }
+        let mut compressions = Vec::new();
+        for l in &layer_descs {
+            parse_digest(&l.digest).map_err(|detail| PullError::Unsupported {
+                image: image.clone(),
+                detail: format!("layer: {detail}"),
+            })?;
+            compressions.push(layer_compression(&l.media_type).ok_or_else(|| {
+                PullError::Unsupported {
+                    image: image.clone(),
+                    detail: format!(
+                        "layer {} has unsupported media type {:?}",
+                        l.digest, l.media_type
+                    ),
+                }
+            })?);
+        }
+
+        // Lease everything this pull may create or rely on before looking at
+        // what exists, so a concurrent RemoveImage cannot collect it midway.
+        let mut keys: Vec<String> = manifests.clone();
+        keys.push(config_desc.digest.clone());
+        keys.extend(layer_descs.iter().map(|l| l.digest.clone()));
+        let _lease_blobs = self.store.lease(keys);
+
+        self.fetch_blob(
+            &ctx,
+            &config_desc.digest,
+            &config_desc.media_type,
+            config_desc.size,
+            "config",
+        )
+        .await?;
+        let config_bytes =
+            std::fs::read(self.store.blob_path(&config_desc.digest)).map_err(|e| {
+                PullError::Internal {
+                    image: image.clone(),
+                    detail: format!("read config {}: {e}", config_desc.digest),
+                }
+            })?;
+        let config: ImageConfigJson =
+            serde_json::from_slice(&config_bytes).map_err(|e| PullError::Unsupported {
+                image: image.clone(),
+                detail: format!("config {} is not valid JSON: {e}", config_desc.digest),
+            })?;
+        let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+        if diff_ids.len() != layer_descs.len() {
+            return Err(PullError::Unsupported {
+                image,
+                detail: format!(
+                    "config lists {} diff_ids for {} layers",
+                    diff_ids.len(),
+                    layer_descs.len()
+                ),
+            });
+        }
+        let mut layers = Vec::new();
+        let mut chain = String::new();
+        for (d, diff_id) in layer_descs.iter().zip(&diff_ids) {
+            parse_digest(diff_id).map_err(|detail| PullError::Unsupported {
+                image: image.clone(),
+                detail: format!("diff_id: {detail}"),
+            })?;
+            chain = if chain.is_empty() {
+                diff_id.clone()
+            } else {
+                format!(
+                    "sha256:{}",
+                    sha256_hex(format!("{chain} {diff_id}").as_bytes())
+                )
+            };
+            layers.push(LayerRecord {
+                digest: d.digest.clone(),
+                media_type: d.media_type.clone(),
+                size: d.size,
+                diff_id: diff_id.clone(),
+                chain_id: chain.clone(),
+            });
+        }
+        let _lease_layers = self
+            .store
+            .lease(layers.iter().map(|l| l.chain_id.clone()).collect());
+
+        // Downloads run ahead (bounded); unpacking follows in layer order
+        // because each layer is checked against the ones below it.
+        let mut handles = Vec::new();
+        for l in &layers {
+            let need = !self.store.has_layer(&l.chain_id);
+            let this = self.clone();
+            let ctx = ctx.clone();
+            let l = l.clone();
+            handles.push(tokio::spawn(async move {
+                if need {
+                    this.fetch_blob(&ctx, &l.digest, &l.media_type, l.size, "layer")
+                        .await
+                } else {
+                    Ok(())
+                }
+            }));
+        }
+        let abort_all = |hs: &[tokio::task::JoinHandle<Result<(), PullError>>]| {
+            for h in hs {
+                h.abort();
+            }
+        };
+        for i in 0..layers.len() {
+            let res = match (&mut handles[i]).await {
+                Ok(r) => r,
+                Err(e) => Err(PullError::Internal {
+                    image: image.clone(),
+                    detail: format!("download task: {e}"),
+                }),
+            };
+            if let Err(e) = res {
+                abort_all(&handles);
+                return Err(e);
+            }
+            if let Err(e) = self.ensure_layer(&image, &layers, i, compressions[i]).await {
+                abort_all(&handles);
+                return Err(e);
+            }
+        }
+
+        for (d, bytes) in &stored_manifests {
+            self.store_bytes(&image, d, bytes)?;
+        }
+        let rec = ImageRecord {
+            id: config_desc.digest.clone(),
+            repo_tags: vec![],
+            repo_digests: vec![],
+            size: layers.iter().map(|l| l.size).sum(),
+            manifests,
+            layers,
+            user: config.config.and_then(|c| c.user).unwrap_or_default(),
+            created: chrono::Utc::now().timestamp(),
+        };
+        // Names are the ones asked for, even when a mirror served the bytes.
+        self.store
+            .add_image(rec, wanted.tagged(), wanted.with_digest(&top_digest))
+            .map_err(|source| PullError::Store { image, source })
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget locks nobody holds any more, so the map stays small.
+        m.retain(|_, v| Arc::strong_count(v) > 1);
+        m.entry(key.to_string()).or_default().clone()
+    }
+
+    fn store_bytes(&self, image: &str, digest: &str, bytes: &[u8]) -> Result<(), PullError> {
+        if self.store.has_blob(digest) {
+            return Ok(());
+        }
+        let tmp = self.store.ingest_path();
+        let res = std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(bytes)?;
+                f.sync_all()
+            })
+            .map_err(|e| PullError::Internal {
+                image: image.to_string(),
+                detail: format!("write {digest}: {e}"),
+            })
+            .and_then(|_| {
+                self.store
+                    .commit_blob(&tmp, digest)
+                    .map_err(|source| PullError::Store {
+                        image: image.to_string(),
+                        source,
+                    })
+            });
+        if res.is_err() {
+            self.store.discard(&tmp);
+        }
+        res
+    }
+
+    /// Downloads a blob into the content store unless it is there already.
+    async fn fetch_blob(
+        &self,
+        ctx: &Arc<PullCtx>,
+        digest: &str,
+        media_type: &str,
+        size: u64,
+        what: &'static str,
+    ) -> Result<(), PullError> {
+        let lock = self.lock_for(digest);
+        let _held = lock.lock().await;
+        if self.store.has_blob(digest) {
+            return Ok(());
+        }
+        let _slot = self
+            .downloads
+            .acquire()
+            .await
+            .map_err(|e| PullError::Internal {
+                image: ctx.image.clone(),
+                detail: e.to_string(),
+            })?;
+        let desc = OciDescriptor {
+            media_type: media_type.to_string(),
+            digest: digest.to_string(),
+            size: size as i64,
+            ..Default::default()
+        };
+        let tmp = self.store.ingest_path();
+        let guard = RemoveOnDrop(Some(tmp.clone()));
+        let stream = ctx
+            .client
+            .pull_blob_stream(&ctx.reference, &desc)
+            .await
+            .map_err(|e| classify(&ctx.image, what, e))?;
+        // Hash and write on a blocking thread; the async side only moves bytes.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
+        let writer = {
+            let tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || write_hashed(&tmp, rx))
+        };
+        let mut stream = stream.stream;
+        let mut received: u64 = 0;
+        let mut net_err = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(b) => {
+                    received += b.len() as u64;
+                    if received > size {
+                        break;
+                    }
+                    if tx.send(b).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    net_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer.await.map_err(|e| PullError::Internal {
+            image: ctx.image.clone(),
+            detail: format!("blob writer: {e}"),
+        })?;
+        if let Some(e) = net_err {
+            let detail = e.to_string();
+            // oci-client reports its own digest check through the stream too.
+            if detail.contains("digest") {
+                return Err(PullError::Integrity {
+                    image: ctx.image.clone(),
+                    what,
+                    digest: digest.to_string(),
+                    detail,
+                });
+            }
+            return Err(PullError::Unavailable {
+                image: ctx.image.clone(),
+                detail: format!("download {what} {digest}: {detail}"),
+            });
+        }
+        let (n, actual) = written.map_err(|e| PullError::Internal {
+            image: ctx.image.clone(),
+            detail: format!("write {what} {digest}: {e}"),
+        })?;
+        if received > size || n != size {
+            return Err(PullError::Integrity {
+                image: ctx.image.clone(),
+                what,
+                digest: digest.to_string(),
+                detail: format!("expected {size} bytes, got {}", received.max(n)),
+            });
+        }
+        if actual != hex_of(digest) {
+            return Err(PullError::Integrity {
+                image: ctx.image.clone(),
+                what,
+                digest: digest.to_string(),
+                detail: format!("content hashes to sha256:{actual}"),
+            });
+        }
+        self.store
+            .commit_blob(&tmp, digest)
+            .map_err(|source| PullError::Store {
+                image: ctx.image.clone(),
+                source,
+            })?;
+        guard.disarm();
+        tracing::debug!(image = %ctx.image, digest, size, "blob downloaded");
+        Ok(())
+    }
+
+    /// Unpacks layer `i` (its blob is present) unless its chain is unpacked.
+    async fn ensure_layer(
+        &self,
+        image: &str,
+        layers: &[LayerRecord],
+        i: usize,
+        compression: Compression,
+    ) -> Result<(), PullError> {
+        let l = &layers[i];
+        let lock = self.lock_for(&l.chain_id);
+        let _held = lock.lock().await;
+        if self.store.has_layer(&l.chain_id) {
+            return Ok(());
+        }
+        let staged = self
+            .store
+            .staging_dir()
+            .map_err(|source| PullError::Store {
+                image: image.to_string(),
+                source,
+            })?;
+        let guard = RemoveOnDrop(Some(staged.clone()));
+        let lowers: Vec<PathBuf> = layers[..i]
+            .iter()
+            .rev()
+            .map(|x| self.store.layer_dir(&x.chain_id))
+            .collect();
+        let blob = self.store.blob_path(&l.digest);
+        let diff_id = l.diff_id.clone();
+        let dest = staged.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            unpack_verified(&blob, compression, &dest, &lowers, &diff_id)
+        })
+        .await
+        .map_err(|e| PullError::Internal {
+            image: image.to_string(),
+            detail: format!("unpack task: {e}"),
+        })?;
+        match res {
+            Ok(stats) => {
+                tracing::debug!(image, layer = %l.digest, entries = stats.entries, bytes = stats.bytes, "layer unpacked");
+            }
+            Err(LayerFailure::Unpack(source)) => {
+                return Err(PullError::BadLayer {
+                    image: image.to_string(),
+                    digest: l.digest.clone(),
+                    source,
+                })
+            }
+            Err(LayerFailure::DiffId(actual)) => {
+                return Err(PullError::Integrity {
+                    image: image.to_string(),
+                    what: "layer",
+                    digest: l.digest.clone(),
+                    detail: format!(
+                        "uncompressed content hashes to sha256:{actual}, config says {}",
+                        l.diff_id
+                    ),
+                })
+            }
+            Err(LayerFailure::Io(e)) => {
+                return Err(PullError::Integrity {
+                    image: image.to_string(),
+                    what: "layer",
+                    digest: l.digest.clone(),
+                    detail: format!("cannot decompress: {e}"),
+                })
+            }
+        }
+        self.store
+            .commit_layer(&staged, &l.chain_id)
+            .map_err(|source| PullError::Store {
+                image: image.to_string(),
+                source,
+            })?;
+        guard.disarm();
+        Ok(())
+    }
+}
+
+enum LayerFailure {
+    Unpack(UnpackError),
+    DiffId(String),
+    Io(std::io::Error),
+}
+
+/// Hashes the uncompressed stream while the unpacker consumes it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn unpack_verified(
+    blob: &Path,
+    compression: Compression,
+    dest: &Path,
+    lowers: &[PathBuf],
+    diff_id: &str,
+) -> Result<super::unpack::UnpackStats, LayerFailure> {
+    let f = std::fs::File::open(blob).map_err(LayerFailure::Io)?;
+    let f = std::io::BufReader::with_capacity(1 << 20, f);
+    let inner: Box<dyn Read> = match compression {
+        Compression::None => Box::new(f),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(f).map_err(LayerFailure::Io)?)
+        }
+    };
+    let mut r = HashingReader {
+        inner,
+        hasher: Sha256::new(),
+    };
+    let stats = unpack_layer(&mut r, dest, lowers).map_err(LayerFailure::Unpack)?;
+    // The diff_id covers the whole stream, including tar padding after the end marker.
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(LayerFailure::Io)?;
+    let actual = hex::encode(r.hasher.finalize());
+    if actual != hex_of(diff_id) {
+        return Err(LayerFailure::DiffId(actual));
+    }
+    Ok(stats)
+}
+
+fn write_hashed(
+    path: &Path,
+    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
+) -> std::io::Result<(u64, String)> {
+    let f = std::fs::File::create(path)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    for chunk in rx {
+        h.update(&chunk);
+        w.write_all(&chunk)?;
+        n += chunk.len() as u64;
+    }
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    Ok((n, hex::encode(h.finalize())))
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = super::store::remove_tree(&p);
+        }
+    }
+}
+
+fn unreachable_tag(image: &str) -> Result<Reference, PullError> {
+    Err(PullError::Internal {
+        image: image.to_string(),
+        detail: "reference has neither tag nor digest".into(),
+    })
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn verify_manifest(image: &str, bytes: &[u8], expected: Option<&str>) -> Result<String, PullError> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(PullError::Unsupported {
+            image: image.to_string(),
+            detail: format!("manifest of {} bytes is too large", bytes.len()),
+        });
+    }
+    let actual = format!("sha256:{}", sha256_hex(bytes));
+    if let Some(e) = expected {
+        if e != actual {
+            return Err(PullError::Integrity {
+                image: image.to_string(),
+                what: "manifest",
+                digest: e.to_string(),
+                detail: format!("content hashes to {actual}"),
+            });
+        }
+    }
+    Ok(actual)
+}
+
+fn parse_manifest(image: &str, bytes: &[u8]) -> Result<Manifest, PullError> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| PullError::Unsupported {
+        image: image.to_string(),
+        detail: format!("manifest is not valid JSON: {e}"),
+    })?;
+    if m.schema_version != 2 {
+        return Err(PullError::Unsupported {
+            image: image.to_string(),
+            detail: format!(
+                "manifest schema version {} (only Docker schema 2 and OCI manifests are supported)",
+                m.schema_version
+            ),
+        });
+    }
+    if !m.media_type.is_empty()
+        && ![
+            MT_OCI_MANIFEST,
+            MT_OCI_INDEX,
+            MT_DOCKER_MANIFEST,
+            MT_DOCKER_LIST,
+        ]
+        .contains(&m.media_type.as_str())
+    {
+        return Err(PullError::Unsupported {
+            image: image.to_string(),
+            detail: format!("manifest media type {:?}", m.media_type),
+        });
+    }
+    Ok(m)
+}
+
+/// This machine as OCI names it: (architecture, preferred variant).
+pub fn host_arch() -> (&'static str, &'static str) {
+    match std::env::consts::ARCH {
+        "x86_64" => ("amd64", ""),
+        "aarch64" => ("arm64", "v8"),
+        "arm" => ("arm", "v7"),
+        "x86" => ("386", ""),
+        "powerpc64" => ("ppc64le", ""),
+        "s390x" => ("s390x", ""),
+        "riscv64" => ("riscv64", ""),
+        other => (other, ""),
+    }
+}
+
+fn choose_platform(entries: &[Descriptor]) -> Option<String> {
+    let (arch, variant) = host_arch();
+    let candidates: Vec<&Descriptor> = entries
+        .iter()
+        .filter(|e| {
+            e.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+        })
+        .collect();
+    let score = |d: &&Descriptor| {
+        let v = d
+            .platform
+            .as_ref()
+            .map(|p| p.variant.as_str())
+            .unwrap_or("");
+        if v == variant {
+            2
+        } else if v.is_empty() || (arch == "amd64" && v == "v1") {
+            1
+        } else {
+            0
+        }
+    };
+    candidates
+        .iter()
+        .max_by_key(|d| score(d))
+        .filter(|d| score(d) > 0 || candidates.len() == 1)
+        .map(|d| d.digest.clone())
+}
+
+fn registry_auth(c: &Credentials) -> Result<RegistryAuth, String> {
+    if !c.registry_token.is_empty() {
+        return Ok(RegistryAuth::Bearer(c.registry_token.clone()));
+    }
+    if !c.username.is_empty() {
+        return Ok(RegistryAuth::Basic(c.username.clone(), c.password.clone()));
+    }
+    if !c.auth.is_empty() {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(c.auth.trim())
+            .map_err(|e| format!("auth is not base64: {e}"))?;
+        let s = String::from_utf8(raw).map_err(|_| "auth is not UTF-8".to_string())?;
+        let (u, p) = s
+            .split_once(':')
+            .ok_or_else(|| "auth is not base64 of user:password".to_string())?;
+        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+    }
+    if !c.identity_token.is_empty() {
+        // Registries that issue identity tokens accept them as the password of
+        // the token user in the token request (the docker credential convention).
+        return Ok(RegistryAuth::Basic(
+            "<token>".to_string(),
+            c.identity_token.clone(),
+        ));
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+fn classify(image: &str, what: &str, e: OciDistributionError) -> PullError {
+    let image = image.to_string();
+    let detail = format!("{what}: {e}");
+    match &e {
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => {
+            PullError::Unauthorized { image, detail }
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            PullError::NotFound { image, detail }
+        }
+        OciDistributionError::RegistryError { envelope, .. } => {
+            use oci_client::errors::OciErrorCode as C;
+            let codes: Vec<&C> = envelope.errors.iter().map(|x| &x.code).collect();
+            if codes
+                .iter()
+                .any(|c| matches!(c, C::Unauthorized | C::Denied))
+            {
+                PullError::Unauthorized { image, detail }
+            } else if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    C::ManifestUnknown | C::NameUnknown | C::NotFound | C::BlobUnknown
+                )
+            }) {
+                PullError::NotFound { image, detail }
+            } else {
+                PullError::Registry { image, detail }
+            }
+        }
+        OciDistributionError::ServerError { code, .. } => match code {
+            401 | 403 => PullError::Unauthorized { image, detail },
+            404 => PullError::NotFound { image, detail },
+            _ => PullError::Unavailable { image, detail },
+        },
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => {
+            PullError::Unavailable { image, detail }
+        }
+        OciDistributionError::DigestError(_) => PullError::Integrity {
+            image,
+            what: "blob",
+            digest: String::new(),
+            detail,
+        },
+        _ => PullError::Registry { image, detail },
+    }
+}
+
+fn with_detail(e: PullError, extra: &str) -> PullError {
+    match e {
+        PullError::NotFound { image, detail } => PullError::NotFound {
+            image,
+            detail: detail + extra,
+        },
+        PullError::Unauthorized { image, detail } => PullError::Unauthorized {
+            image,
+            detail: detail + extra,
+        },
+        PullError::Unavailable { image, detail } => PullError::Unavailable {
+            image,
+            detail: detail + extra,
+        },
+        PullError::Registry { image, detail } => PullError::Registry {
+            image,
+            detail: detail + extra,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(arch: &str, variant: &str, d: &str) -> Descriptor {
+        Descriptor {
+            media_type: MT_OCI_MANIFEST.into(),
+            digest: d.into(),
+            size: 1,
+            platform: Some(Platform {
+                architecture: arch.into(),
+                os: "linux".into(),
+                variant: variant.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn platform_choice() {
+        let e = vec![
+            desc("arm64", "v8", "a"),
+            desc("amd64", "", "b"),
+            desc("arm", "v7", "c"),
+        ];
+        assert_eq!(choose_platform(&e).as_deref(), Some("b"));
+        let e = vec![desc("arm64", "", "a")];
+        assert_eq!(choose_platform(&e), None);
+    }
+
+    #[test]
+    fn auth_forms() {
+        use base64::Engine;
+        let enc = base64::engine::general_purpose::STANDARD.encode("u:p:w");
+        let a = registry_auth(&Credentials {
+            auth: enc,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(matches!(a, RegistryAuth::Basic(u, p) if u == "u" && p == "p:w"));
+        assert!(registry_auth(&Credentials {
+            auth: "!!".into(),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(matches!(
+            registry_auth(&Credentials::default()).unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            registry_auth(&Credentials {
+                registry_token: "t".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+            RegistryAuth::Bearer(t) if t == "t"
+        ));
+    }
+
+    #[test]
+    fn manifest_checks() {
+        let m = br#"{"schemaVersion":1,"name":"x"}"#;
+        assert!(matches!(
+            parse_manifest("i", m),
+            Err(PullError::Unsupported { .. })
+        ));
+        let ok = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"x","digest":"sha256:00","size":1},"layers":[]}"#;
+        assert!(parse_manifest("i", ok).is_ok());
+        let d = verify_manifest("i", ok, None).unwrap();
+        assert!(verify_manifest("i", ok, Some(&d)).is_ok());
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            verify_manifest("i", ok, Some(&wrong)),
+            Err(PullError::Integrity { .. })
+        ));
+    }
+}

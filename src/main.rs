@@ -1,0 +1,117 @@
+//! berth: a Kubernetes node agent serving CRI v1.
+
+mod check;
+mod config;
+mod image;
+mod server;
+mod store;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A Kubernetes node agent: CRI v1 runtime and image service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the CRI RuntimeService and ImageService on a unix socket.
+    Serve {
+        /// TOML config file (default: /etc/berth/config.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// CRI socket path.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Persistent state directory.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Volatile state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// containers-registries.conf(5) v2 file.
+        #[arg(long)]
+        registries_config: Option<PathBuf>,
+        /// Log filter (error, warn, info, debug, trace).
+        #[arg(long)]
+        log_level: Option<String>,
+    },
+    /// Report what this host offers berth; non-zero exit if something needed is missing.
+    Check,
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the full default configuration with a comment per key.
+    Default,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            socket,
+            root,
+            state_dir,
+            registries_config,
+            log_level,
+        } => {
+            let overrides = config::Overrides {
+                socket,
+                root,
+                state_dir,
+                registries_config,
+                log_level,
+            };
+            match run_serve(config, overrides) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("berth: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Check => {
+            if check::print_report(&check::run_checks()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Default,
+        } => {
+            print!("{}", config::default_toml());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run_serve(path: Option<PathBuf>, overrides: config::Overrides) -> anyhow::Result<()> {
+    let cfg = config::Config::load(path.as_deref(), overrides)?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .map_err(|e| anyhow::anyhow!("log_level {:?}: {e}", cfg.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(server::serve(cfg))?;
+    Ok(())
+}

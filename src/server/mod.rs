@@ -1,0 +1,180 @@
+//! The gRPC layer: CRI messages in, domain calls, CRI messages and status
+//! codes out. No syscalls here beyond the listening socket itself.
+
+mod image;
+mod runtime;
+
+use crate::config::Config;
+use crate::image::ImageManager;
+use cri_proto::v1::image_service_server::ImageServiceServer;
+use cri_proto::v1::runtime_service_server::RuntimeServiceServer;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::{Response, Status};
+
+/// How long in-flight RPCs may run after SIGTERM/SIGINT before berth exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("another berth is already serving {what} {path} (lock {lock} is held)")]
+    Locked {
+        what: &'static str,
+        path: String,
+        lock: String,
+    },
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
+    move |source| ServeError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// State shared by the RPC handlers.
+pub struct Daemon {
+    pub config: Config,
+    pub images: ImageManager,
+}
+
+/// Holds an exclusive flock for the life of the daemon.
+struct LockFile {
+    _file: std::fs::File,
+}
+
+fn take_lock(what: &'static str, target: &Path, lock: PathBuf) -> Result<LockFile, ServeError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(io("open lock file", &lock))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(LockFile { _file: file }),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServeError::Locked {
+            what,
+            path: target.display().to_string(),
+            lock: lock.display().to_string(),
+        }),
+        Err(e) => Err(ServeError::Io {
+            what: "lock",
+            path: lock.display().to_string(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    for d in [&config.root, &config.state_dir] {
+        std::fs::create_dir_all(d).map_err(io("create directory", d))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+            .map_err(io("chmod", d))?;
+    }
+    let sock_dir = config.socket.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(sock_dir).map_err(io("create directory", sock_dir))?;
+    let _root_lock = take_lock("root", &config.root, config.root.join("berth.lock"))?;
+    let mut sock_lock_path = config.socket.clone().into_os_string();
+    sock_lock_path.push(".lock");
+    let _sock_lock = take_lock("socket", &config.socket, PathBuf::from(sock_lock_path))?;
+
+    let images = ImageManager::open(&config)?;
+    let daemon = Arc::new(Daemon { config, images });
+    let socket = daemon.config.socket.clone();
+
+    // We hold the socket lock, so an existing socket file is a stale leftover.
+    match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("remove stale socket", &socket)(e))
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(io("bind socket", &socket))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(io("chmod socket", &socket))?;
+    tracing::info!(socket = %socket.display(), root = %daemon.config.root.display(), version = env!("CARGO_PKG_VERSION"), "berth serving CRI");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut grace_rx = stop_rx.clone();
+    let mut shutdown_rx = stop_rx;
+    let server = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(runtime::RuntimeApi(
+            daemon.clone(),
+        )))
+        .add_service(ImageServiceServer::new(image::ImageApi(daemon.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move {
+                let _ = shutdown_rx.wait_for(|v| *v).await;
+                tracing::info!("shutting down: no new connections, finishing in-flight RPCs");
+            },
+        );
+    let grace = async move {
+        let _ = grace_rx.wait_for(|v| *v).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        _ = grace => {
+            tracing::warn!("in-flight RPCs did not finish within {SHUTDOWN_GRACE:?}; exiting");
+            Ok(())
+        }
+    };
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("berth stopped");
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Runs one RPC handler, logging its duration at debug and failures at warn.
+pub(crate) async fn rpc<T, F>(name: &'static str, object: &str, f: F) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, Status>>,
+{
+    let start = Instant::now();
+    let res = f.await;
+    let took = start.elapsed();
+    match &res {
+        Ok(_) => tracing::debug!(rpc = name, object, ?took, "ok"),
+        Err(s) if s.code() == tonic::Code::Internal || s.code() == tonic::Code::Unknown => {
+            tracing::error!(rpc = name, object, ?took, code = ?s.code(), error = s.message(), "failed")
+        }
+        Err(s) => {
+            tracing::warn!(rpc = name, object, ?took, code = ?s.code(), error = s.message(), "failed")
+        }
+    }
+    res.map(Response::new)
+}

@@ -1,0 +1,176 @@
+//! RuntimeService: runtime info now; pods and containers land with their issues.
+
+use super::{rpc, Daemon};
+use cri_proto::v1 as cri;
+use cri_proto::v1::runtime_service_server::RuntimeService;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct RuntimeApi(pub Arc<Daemon>);
+
+pub const RUNTIME_NAME: &str = "berth";
+pub const CRI_VERSION: &str = "v1";
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not implemented by berth {} yet",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+macro_rules! not_yet {
+    ($($fn:ident($req:ty) -> $resp:ty = $name:literal;)*) => {
+        $(
+            // Spelled out as async_trait would expand it: the attribute does
+            // not see into macro output.
+            fn $fn<'life0, 'async_trait>(
+                &'life0 self,
+                _req: Request<$req>,
+            ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<$resp>, Status>> + Send + 'async_trait>>
+            where
+                'life0: 'async_trait,
+                Self: 'async_trait,
+            {
+                Box::pin(async move { rpc($name, "", async { Err(unimplemented($name)) }).await })
+            }
+        )*
+    };
+}
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeApi {
+    async fn version(
+        &self,
+        _req: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        rpc("Version", "", async {
+            Ok(cri::VersionResponse {
+                version: "0.1.0".into(),
+                runtime_name: RUNTIME_NAME.into(),
+                runtime_version: env!("CARGO_PKG_VERSION").into(),
+                runtime_api_version: CRI_VERSION.into(),
+            })
+        })
+        .await
+    }
+
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let verbose = req.get_ref().verbose;
+        rpc("Status", "", async {
+            let conditions = vec![
+                cri::RuntimeCondition {
+                    r#type: "RuntimeReady".into(),
+                    status: true,
+                    reason: String::new(),
+                    message: String::new(),
+                },
+                cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: false,
+                    reason: "NetworkNotImplemented".into(),
+                    message:
+                        "berth cannot set up pod networks yet; only hostNetwork pods would work"
+                            .into(),
+                },
+            ];
+            let mut info = HashMap::new();
+            if verbose {
+                let cfg = serde_json::to_string(&self.0.config)
+                    .map_err(|e| Status::internal(format!("encode config: {e}")))?;
+                info.insert("config".to_string(), cfg);
+            }
+            Ok(cri::StatusResponse {
+                status: Some(cri::RuntimeStatus { conditions }),
+                info,
+                runtime_handlers: vec![cri::RuntimeHandler {
+                    name: String::new(),
+                    features: Some(cri::RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: false,
+                        user_namespaces: false,
+                    }),
+                }],
+                features: Some(cri::RuntimeFeatures {
+                    supplemental_groups_policy: false,
+                    user_namespaces_host_network: false,
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        rpc("RuntimeConfig", "", async {
+            Ok(cri::RuntimeConfigResponse {
+                linux: Some(cri::LinuxRuntimeConfiguration {
+                    cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn update_runtime_config(
+        &self,
+        _req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        // kubelet sends the pod CIDR here; the built-in network has its own config.
+        rpc("UpdateRuntimeConfig", "", async {
+            Ok(cri::UpdateRuntimeConfigResponse {})
+        })
+        .await
+    }
+
+    not_yet! {
+        run_pod_sandbox(cri::RunPodSandboxRequest) -> cri::RunPodSandboxResponse = "RunPodSandbox";
+        stop_pod_sandbox(cri::StopPodSandboxRequest) -> cri::StopPodSandboxResponse = "StopPodSandbox";
+        remove_pod_sandbox(cri::RemovePodSandboxRequest) -> cri::RemovePodSandboxResponse = "RemovePodSandbox";
+        pod_sandbox_status(cri::PodSandboxStatusRequest) -> cri::PodSandboxStatusResponse = "PodSandboxStatus";
+        list_pod_sandbox(cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse = "ListPodSandbox";
+        create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse = "CreateContainer";
+        start_container(cri::StartContainerRequest) -> cri::StartContainerResponse = "StartContainer";
+        stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse = "StopContainer";
+        remove_container(cri::RemoveContainerRequest) -> cri::RemoveContainerResponse = "RemoveContainer";
+        list_containers(cri::ListContainersRequest) -> cri::ListContainersResponse = "ListContainers";
+        container_status(cri::ContainerStatusRequest) -> cri::ContainerStatusResponse = "ContainerStatus";
+        update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse = "UpdateContainerResources";
+        reopen_container_log(cri::ReopenContainerLogRequest) -> cri::ReopenContainerLogResponse = "ReopenContainerLog";
+        exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse = "ExecSync";
+        exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
+        attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
+        port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
+        container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
+        list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
+        pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";
+        list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest) -> cri::ListPodSandboxStatsResponse = "ListPodSandboxStats";
+        checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse = "CheckpointContainer";
+        list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
+        list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
+        update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest) -> cri::UpdatePodSandboxResourcesResponse = "UpdatePodSandboxResources";
+    }
+
+    type StreamPodSandboxesStream = Stream<cri::StreamPodSandboxesResponse>;
+    type StreamContainersStream = Stream<cri::StreamContainersResponse>;
+    type StreamContainerStatsStream = Stream<cri::StreamContainerStatsResponse>;
+    type StreamPodSandboxStatsStream = Stream<cri::StreamPodSandboxStatsResponse>;
+    type GetContainerEventsStream = Stream<cri::ContainerEventResponse>;
+    type StreamPodSandboxMetricsStream = Stream<cri::StreamPodSandboxMetricsResponse>;
+
+    not_yet! {
+        stream_pod_sandboxes(cri::StreamPodSandboxesRequest) -> Self::StreamPodSandboxesStream = "StreamPodSandboxes";
+        stream_containers(cri::StreamContainersRequest) -> Self::StreamContainersStream = "StreamContainers";
+        stream_container_stats(cri::StreamContainerStatsRequest) -> Self::StreamContainerStatsStream = "StreamContainerStats";
+        stream_pod_sandbox_stats(cri::StreamPodSandboxStatsRequest) -> Self::StreamPodSandboxStatsStream = "StreamPodSandboxStats";
+        get_container_events(cri::GetEventsRequest) -> Self::GetContainerEventsStream = "GetContainerEvents";
+        stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest) -> Self::StreamPodSandboxMetricsStream = "StreamPodSandboxMetrics";
+    }
+}
