@@ -145,22 +145,17 @@ pub fn run_checks() -> Vec<Item> {
         },
         hint: "a kernel built with CONFIG_SECCOMP_FILTER",
     });
-    // berth does everything itself; these are only used by optional features.
-    for (bin, hint) in [(
-        "nft",
-        "optional: apt-get install nftables (debugging berth's rules)",
-    )] {
-        let p = in_path(bin);
-        items.push(Item {
-            name: "binary nft",
-            ok: p.is_some(),
-            required: false,
-            detail: p
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| format!("{bin} not in PATH")),
-            hint,
-        });
-    }
+    // berth does everything itself; nft is only a debugging aid for its rules.
+    let nft_bin = in_path("nft");
+    items.push(Item {
+        name: "binary nft",
+        ok: nft_bin.is_some(),
+        required: false,
+        detail: nft_bin
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "nft not in PATH".into()),
+        hint: "optional: apt-get install nftables (to inspect berth's rules)",
+    });
     items
 }
 

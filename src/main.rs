@@ -103,7 +103,7 @@ fn main() -> ExitCode {
 
 fn run_serve(path: Option<PathBuf>, overrides: config::Overrides) -> anyhow::Result<()> {
     let cfg = config::Config::load(path.as_deref(), overrides)?;
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+    let filter = tracing_subscriber::EnvFilter::try_new(log_directive(&cfg.log_level))
         .map_err(|e| anyhow::anyhow!("log_level {:?}: {e}", cfg.log_level))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -114,4 +114,14 @@ fn run_serve(path: Option<PathBuf>, overrides: config::Overrides) -> anyhow::Res
         .build()?;
     rt.block_on(server::serve(cfg))?;
     Ok(())
+}
+
+/// A bare level applies to berth; libraries (h2, hyper, rustls) stay at warn
+/// unless a full directive asks for them.
+fn log_directive(level: &str) -> String {
+    if level.contains(['=', ',']) {
+        level.to_string()
+    } else {
+        format!("warn,berth={level}")
+    }
 }

@@ -61,8 +61,7 @@ fn processes_in_net_ns(ns: &str) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if fs::read_link(format!("/proc/{pid}/ns/net"))
-            .is_ok_and(|l| l.to_string_lossy() == ns)
+        if fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l.to_string_lossy() == ns)
             && alive(pid)
         {
             v.push(pid);
@@ -95,7 +94,11 @@ fn images_are_built_and_valid() {
         .iter()
         .map(|m| {
             let p = &m["platform"];
-            let mut s = format!("{}/{}", p["os"].as_str().unwrap(), p["architecture"].as_str().unwrap());
+            let mut s = format!(
+                "{}/{}",
+                p["os"].as_str().unwrap(),
+                p["architecture"].as_str().unwrap()
+            );
             if let Some(v) = p["variant"].as_str() {
                 s = format!("{s}/{v}");
             }
@@ -105,7 +108,10 @@ fn images_are_built_and_valid() {
     assert_eq!(plats, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
     // user images
     for (name, user) in [("user-numeric", "1000:1000"), ("user-named", "app")] {
-        let m = layout_json(name, layout_top_descriptor(name)["digest"].as_str().unwrap());
+        let m = layout_json(
+            name,
+            layout_top_descriptor(name)["digest"].as_str().unwrap(),
+        );
         let c = layout_json(name, m["config"]["digest"].as_str().unwrap());
         assert_eq!(c["config"]["User"], user);
     }
@@ -156,7 +162,9 @@ fn harness_smoke() {
             .into_owned();
         assert_ne!(
             net_ns,
-            fs::read_link("/proc/self/ns/net").unwrap().to_string_lossy()
+            fs::read_link("/proc/self/ns/net")
+                .unwrap()
+                .to_string_lossy()
         );
 
         // Only lo, and it is up.
@@ -167,7 +175,11 @@ fn harness_smoke() {
         let plain = Registry::start(&ns, RegistryOpts::default());
         let secure = Registry::start(
             &ns,
-            RegistryOpts { port: 5001, tls: true, basic_auth: Some((user.clone(), pass.clone())) },
+            RegistryOpts {
+                port: 5001,
+                tls: true,
+                basic_auth: Some((user.clone(), pass.clone())),
+            },
         );
         assert_eq!(plain.addr, "127.0.0.1:5000");
         assert_eq!(secure.addr, "127.0.0.1:5001");
@@ -182,7 +194,11 @@ fn harness_smoke() {
                 let raw = reg.inspect_raw(&format!("test/{img}:latest"));
                 let top = layout_top_descriptor(img);
                 // Pushed byte for byte.
-                assert_eq!(sha256(raw.as_bytes()), top["digest"].as_str().unwrap(), "{img}");
+                assert_eq!(
+                    sha256(raw.as_bytes()),
+                    top["digest"].as_str().unwrap(),
+                    "{img}"
+                );
                 let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
                 assert_eq!(m["mediaType"], top["mediaType"]);
                 if img == "multiarch" {
@@ -196,7 +212,10 @@ fn harness_smoke() {
                 }
                 if img == "zstd" {
                     for l in m["layers"].as_array().unwrap() {
-                        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+                        assert_eq!(
+                            l["mediaType"],
+                            "application/vnd.oci.image.layer.v1.tar+zstd"
+                        );
                     }
                 }
                 if img == "layered" {
@@ -206,7 +225,10 @@ fn harness_smoke() {
             reg.push_v2s2("busybox", "test/busybox-v2s2:1");
             let raw = reg.inspect_raw("test/busybox-v2s2:1");
             let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
-            assert_eq!(m["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+            assert_eq!(
+                m["mediaType"],
+                "application/vnd.docker.distribution.manifest.v2+json"
+            );
             assert_eq!(
                 m["layers"][0]["mediaType"],
                 "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -232,7 +254,10 @@ fn harness_smoke() {
             "0",
             "docker://127.0.0.1:5001/test/busybox:latest",
         ]);
-        assert!(!out.status.success(), "anonymous access to the auth registry succeeded");
+        assert!(
+            !out.status.success(),
+            "anonymous access to the auth registry succeeded"
+        );
         // The CA verifies the TLS registry's certificate (for 127.0.0.1).
         let certs = tempfile::tempdir().unwrap();
         fs::copy(&ca, certs.path().join("ca.crt")).unwrap();
@@ -268,10 +293,14 @@ fn harness_smoke() {
         // tcp_connect reaches the namespace's loopback.
         use std::io::{Read, Write};
         let mut s = ns.tcp_connect(&plain.addr).unwrap();
-        s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
-        assert!(resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(
+            resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+            "{resp}"
+        );
         assert!(plain.log().contains("/v2/"), "access log missing");
 
         // Stray processes that must be cleaned up by Netns::drop: a child
@@ -299,7 +328,14 @@ fn harness_smoke() {
         );
         dirs.push(berth.dir.clone());
         let log = berth.log();
-        for arg in ["serve --config", "--root", "--state-dir", "--socket", "--registries-config", "--log-level debug"] {
+        for arg in [
+            "serve --config",
+            "--root",
+            "--state-dir",
+            "--socket",
+            "--registries-config",
+            "--log-level debug",
+        ] {
             assert!(log.contains(arg), "missing {arg} in {log}");
         }
         assert!(berth.socket.starts_with(&berth.dir));
@@ -327,14 +363,38 @@ fn harness_smoke() {
         drop(secure);
     }
 
-    assert!(wait_dead(holder_pid), "namespace holder {holder_pid} still alive");
+    assert!(
+        wait_dead(holder_pid),
+        "namespace holder {holder_pid} still alive"
+    );
     for pid in &pids {
         assert!(wait_dead(*pid), "process {pid} still alive");
     }
     let left = processes_in_net_ns(&net_ns);
-    assert!(left.is_empty(), "processes left in the test netns: {left:?}");
+    assert!(
+        left.is_empty(),
+        "processes left in the test netns: {left:?}"
+    );
     for d in &dirs {
         assert_no_leaks(d);
         assert!(!d.exists(), "{} not removed", d.display());
     }
+}
+
+/// Dropping the harness objects while a test panics must not abort (no
+/// panic inside Drop) and prints the logs.
+#[test]
+#[should_panic(expected = "deliberate failure")]
+fn drops_cleanly_while_panicking() {
+    let fake = tempfile::tempdir().unwrap();
+    let prog = fake.path().join("fake-berth");
+    fs::write(&prog, FAKE_DAEMON).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let ns = Netns::new();
+    let _reg = Registry::start(&ns, RegistryOpts::default());
+    let _berth = Berth::start_program(&ns, BerthOpts::default(), &prog);
+    panic!("deliberate failure");
 }

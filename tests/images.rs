@@ -255,7 +255,7 @@ async fn reference_forms_and_lookups() {
     let filtered = c
         .list_images(cri::ListImagesRequest {
             filter: Some(cri::ImageFilter {
-                image: spec("team/busybox:v1"),
+                image: spec("127.0.0.1:5000/team/busybox:v1"),
             }),
         })
         .await

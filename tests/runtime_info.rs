@@ -122,6 +122,9 @@ async fn second_daemon_refuses_and_sigterm_is_clean() {
     let mut rt = berth.runtime_client().await;
     rt.version(cri::VersionRequest::default()).await.unwrap();
     drop(rt);
+    // Let the client runtime close its connection: a graceful shutdown waits
+    // for open connections to acknowledge it (bounded by the grace period).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
     let st = berth.stop();
     assert!(st.success(), "exit status after SIGTERM: {st}");

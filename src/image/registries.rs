@@ -163,7 +163,7 @@ impl RegistriesConf {
         };
         let by_digest = r.digest.is_some();
         let mut out = Vec::new();
-        if !(entry.mirror_by_digest_only && !by_digest) {
+        if !entry.mirror_by_digest_only || by_digest {
             for m in &entry.mirror {
                 let allowed = match m.pull_from_mirror.as_str() {
                     "digest-only" => by_digest,

@@ -1043,6 +1043,15 @@ impl Unpacker {
                 .map_err(|e| io_err(name, "write file data", e))?;
             written += n as u64;
         }
+        // The entry reader just stops at EOF, so a truncated stream would
+        // otherwise leave a silently short file.
+        if written != entry.size() {
+            let short = io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("archive ended after {written} of {} bytes", entry.size()),
+            );
+            return Err(io_err(name, "read file data from the archive", short));
+        }
         self.stats.bytes += written;
         set_fd_meta(file.as_fd(), &meta, name, true)
     }
@@ -1280,5 +1289,722 @@ impl Unpacker {
             fs::futimens(dir, &times).map_err(|e| io_err(&name, "set times", e))?;
         }
         Ok(self.stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    const MTIME: u64 = 1_600_000_000;
+
+    /// Builds archives header by header, writing names verbatim so that the
+    /// hostile paths the `tar` builder refuses can be expressed.
+    struct Tar(tar::Builder<Vec<u8>>);
+
+    impl Tar {
+        fn new() -> Self {
+            Tar(tar::Builder::new(Vec::new()))
+        }
+
+        fn entry(
+            &mut self,
+            kind: EntryType,
+            path: &str,
+            link: Option<&str>,
+            data: &[u8],
+            edit: impl FnOnce(&mut Header),
+        ) -> &mut Self {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(if kind == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(MTIME);
+            h.set_size(data.len() as u64);
+            let name = &mut h.as_old_mut().name;
+            name.fill(0);
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            if let Some(link) = link {
+                h.set_link_name_literal(link).unwrap();
+            }
+            edit(&mut h);
+            h.set_cksum();
+            self.0.append(&h, data).unwrap();
+            self
+        }
+
+        fn dir(&mut self, path: &str) -> &mut Self {
+            self.entry(EntryType::Directory, path, None, b"", |_| {})
+        }
+
+        fn file(&mut self, path: &str, data: &[u8]) -> &mut Self {
+            self.entry(EntryType::Regular, path, None, data, |_| {})
+        }
+
+        fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+            self.entry(EntryType::Symlink, path, Some(target), b"", |_| {})
+        }
+
+        fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
+            self.entry(EntryType::Link, path, Some(target), b"", |_| {})
+        }
+
+        fn device(&mut self, kind: EntryType, path: &str, major: u32, minor: u32) -> &mut Self {
+            self.entry(kind, path, None, b"", |h| {
+                h.set_device_major(major).unwrap();
+                h.set_device_minor(minor).unwrap();
+            })
+        }
+
+        fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+            self.0
+                .append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
+                .unwrap();
+            self
+        }
+
+        fn build(self) -> Vec<u8> {
+            self.0.into_inner().unwrap()
+        }
+    }
+
+    fn owned(uid: u64, gid: u64, mode: u32) -> impl FnOnce(&mut Header) {
+        move |h| {
+            h.set_uid(uid);
+            h.set_gid(gid);
+            h.set_mode(mode);
+        }
+    }
+
+    /// `dest` and, next to it, a sentinel directory `outside` that no archive
+    /// may touch.
+    struct Env {
+        tmp: tempfile::TempDir,
+        dest: PathBuf,
+        outside: PathBuf,
+    }
+
+    impl Env {
+        fn new() -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let dest = tmp.path().join("dest");
+            let outside = tmp.path().join("outside");
+            std::fs::create_dir(&dest).unwrap();
+            std::fs::create_dir(&outside).unwrap();
+            std::fs::write(outside.join("secret"), b"s3cret").unwrap();
+            Env { tmp, dest, outside }
+        }
+
+        fn unpack(&self, tar: Tar) -> Result<UnpackStats, UnpackError> {
+            self.unpack_with(tar, &[])
+        }
+
+        fn unpack_with(&self, tar: Tar, lowers: &[PathBuf]) -> Result<UnpackStats, UnpackError> {
+            unpack_layer(&tar.build()[..], &self.dest, lowers)
+        }
+
+        fn at(&self, path: &str) -> PathBuf {
+            self.dest.join(path)
+        }
+
+        fn lower(&self, name: &str) -> PathBuf {
+            let dir = self.tmp.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            dir
+        }
+
+        fn assert_outside_untouched(&self) {
+            let mut names: Vec<_> = std::fs::read_dir(&self.outside)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["secret"]);
+            assert_eq!(
+                std::fs::read(self.outside.join("secret")).unwrap(),
+                b"s3cret"
+            );
+            let secret = std::fs::metadata(self.outside.join("secret")).unwrap();
+            assert_eq!(secret.nlink(), 1);
+            assert_eq!(secret.mode() & 0o7777, 0o644);
+            assert_eq!(xattr(&self.outside, OPAQUE_XATTR), None);
+        }
+    }
+
+    fn meta(path: &Path) -> std::fs::Metadata {
+        std::fs::symlink_metadata(path).unwrap()
+    }
+
+    fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 256];
+        let n = fs::lgetxattr(path, name, &mut buf[..]).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    fn mknod_whiteout(path: &Path) {
+        fs::mknodat(fs::CWD, path, FileType::CharacterDevice, Mode::empty(), 0).unwrap();
+    }
+
+    #[test]
+    fn tree_and_metadata_are_preserved() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.entry(EntryType::Directory, "./", None, b"", |h| {
+            h.set_mode(0o751);
+            h.set_mtime(1_500_000_000);
+        })
+        .entry(EntryType::Directory, "./etc/", None, b"", |h| {
+            owned(0, 42, 0o750)(h);
+            h.set_mtime(1_500_000_001);
+        })
+        .entry(
+            EntryType::Regular,
+            "etc/passwd",
+            None,
+            b"root:x:0:0\n",
+            owned(1000, 1001, 0o640),
+        )
+        .entry(
+            EntryType::Directory,
+            "etc/sticky/",
+            None,
+            b"",
+            owned(0, 0, 0o1777),
+        )
+        .entry(
+            EntryType::Regular,
+            "etc/sgid",
+            None,
+            b"x",
+            owned(5, 6, 0o2711),
+        )
+        .entry(
+            EntryType::Regular,
+            "etc/open",
+            None,
+            b"",
+            owned(0, 0, 0o777),
+        )
+        .entry(
+            EntryType::Symlink,
+            "etc/link",
+            Some("/etc/passwd"),
+            b"",
+            |h| {
+                owned(1000, 1001, 0o777)(h);
+                h.set_mtime(1_400_000_000);
+            },
+        )
+        .hardlink("etc/passwd.lnk", "./etc/passwd")
+        .entry(
+            EntryType::Regular,
+            "usr/bin/sudo",
+            None,
+            b"#!",
+            owned(0, 0, 0o4755),
+        )
+        .entry(EntryType::Fifo, "run/fifo", None, b"", owned(7, 8, 0o620))
+        .pax(&[
+            ("SCHILY.xattr.user.foo", b"bar"),
+            ("mtime", b"1600000000.5"),
+        ])
+        .entry(EntryType::Regular, "etc/xattr", None, b"abc", |_| {});
+        let stats = env.unpack(t).unwrap();
+        assert_eq!(stats.entries, 11);
+        assert_eq!(stats.bytes, 11 + 1 + 2 + 3);
+        assert_eq!(stats.skipped_devices, 0);
+
+        let root = meta(&env.dest);
+        assert_eq!(root.mode() & 0o7777, 0o751);
+        assert_eq!(root.mtime(), 1_500_000_000);
+
+        let etc = meta(&env.at("etc"));
+        assert!(etc.is_dir());
+        assert_eq!((etc.uid(), etc.gid(), etc.mode() & 0o7777), (0, 42, 0o750));
+        assert_eq!(
+            etc.mtime(),
+            1_500_000_001,
+            "dir mtime must survive its children"
+        );
+
+        let passwd = meta(&env.at("etc/passwd"));
+        assert_eq!(
+            (passwd.uid(), passwd.gid(), passwd.mode() & 0o7777),
+            (1000, 1001, 0o640)
+        );
+        assert_eq!(passwd.mtime(), MTIME as i64);
+        assert_eq!(
+            std::fs::read(env.at("etc/passwd")).unwrap(),
+            b"root:x:0:0\n"
+        );
+
+        let link = meta(&env.at("etc/passwd.lnk"));
+        assert_eq!((link.ino(), link.nlink()), (passwd.ino(), 2));
+
+        assert_eq!(meta(&env.at("etc/sticky")).mode() & 0o7777, 0o1777);
+        let sgid = meta(&env.at("etc/sgid"));
+        assert_eq!(
+            (sgid.uid(), sgid.gid(), sgid.mode() & 0o7777),
+            (5, 6, 0o2711)
+        );
+        assert_eq!(
+            meta(&env.at("etc/open")).mode() & 0o7777,
+            0o777,
+            "umask must not apply"
+        );
+
+        let symlink = meta(&env.at("etc/link"));
+        assert!(symlink.file_type().is_symlink());
+        assert_eq!((symlink.uid(), symlink.gid()), (1000, 1001));
+        assert_eq!(symlink.mtime(), 1_400_000_000);
+        assert_eq!(
+            std::fs::read_link(env.at("etc/link")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+
+        let sudo = meta(&env.at("usr/bin/sudo"));
+        assert_eq!((sudo.uid(), sudo.mode() & 0o7777), (0, 0o4755));
+        for implicit in ["usr", "usr/bin", "run"] {
+            let m = meta(&env.at(implicit));
+            assert!(m.is_dir());
+            assert_eq!(
+                (m.uid(), m.gid(), m.mode() & 0o7777),
+                (0, 0, 0o755),
+                "{implicit}"
+            );
+        }
+
+        let fifo = meta(&env.at("run/fifo"));
+        assert!(fifo.file_type().is_fifo());
+        assert_eq!(
+            (fifo.uid(), fifo.gid(), fifo.mode() & 0o7777),
+            (7, 8, 0o620)
+        );
+
+        let x = meta(&env.at("etc/xattr"));
+        assert_eq!((x.mtime(), x.mtime_nsec()), (1_600_000_000, 500_000_000));
+        assert_eq!(
+            xattr(&env.at("etc/xattr"), "user.foo").as_deref(),
+            Some(&b"bar"[..])
+        );
+        env.assert_outside_untouched();
+    }
+
+    #[test]
+    fn xattrs_on_symlinks_and_overlay_xattrs_dropped() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.pax(&[("SCHILY.xattr.trusted.berth", b"1")])
+            .symlink("l", "/nowhere")
+            .pax(&[
+                ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/x"),
+                ("SCHILY.xattr.user.overlay.opaque", b"y"),
+                ("SCHILY.xattr.user.ok", b"yes"),
+            ])
+            .dir("d/")
+            .pax(&[(
+                "SCHILY.xattr.security.capability",
+                b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+            )])
+            .entry(EntryType::Regular, "ping", None, b"elf", owned(0, 0, 0o755));
+        env.unpack(t).unwrap();
+        assert_eq!(
+            xattr(&env.at("l"), "trusted.berth").as_deref(),
+            Some(&b"1"[..])
+        );
+        let d = env.at("d");
+        assert_eq!(xattr(&d, "trusted.overlay.opaque"), None);
+        assert_eq!(xattr(&d, "trusted.overlay.redirect"), None);
+        assert_eq!(xattr(&d, "user.overlay.opaque"), None);
+        assert_eq!(xattr(&d, "user.ok").as_deref(), Some(&b"yes"[..]));
+        assert!(xattr(&env.at("ping"), "security.capability").is_some());
+    }
+
+    #[test]
+    fn whiteouts_become_overlay_form() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.dir("dir/")
+            .entry(
+                EntryType::Regular,
+                "dir/.wh.gone",
+                None,
+                b"",
+                owned(3, 4, 0o600),
+            )
+            .file(".wh.top", b"")
+            .file("opq/.wh..wh..opq", b"")
+            .dir("opq/keep/")
+            .dir(".wh..wh.plnk/")
+            .file(".wh..wh.plnk/123.4", b"pool")
+            .device(EntryType::Char, "native", 0, 0);
+        let stats = env.unpack(t).unwrap();
+        assert_eq!(stats.skipped_devices, 0);
+        for path in ["dir/gone", "top", "native"] {
+            let m = meta(&env.at(path));
+            assert!(m.file_type().is_char_device(), "{path}");
+            assert_eq!(m.rdev(), 0, "{path}");
+        }
+        assert_eq!(
+            (
+                meta(&env.at("dir/gone")).uid(),
+                meta(&env.at("dir/gone")).gid()
+            ),
+            (3, 4)
+        );
+        assert!(!env.at("dir/.wh.gone").exists());
+        assert!(!env.at(".wh.top").exists());
+        assert_eq!(
+            xattr(&env.at("opq"), OPAQUE_XATTR).as_deref(),
+            Some(&b"y"[..])
+        );
+        assert!(!env.at("opq/.wh..wh..opq").exists());
+        assert!(env.at("opq/keep").is_dir());
+        assert!(!env.at(".wh..wh.plnk").exists());
+        assert_eq!(xattr(&env.at("dir"), OPAQUE_XATTR), None);
+    }
+
+    #[test]
+    fn device_nodes_are_skipped_and_counted() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.dir("dev/")
+            .device(EntryType::Char, "dev/null", 1, 3)
+            .device(EntryType::Block, "dev/sda", 8, 0)
+            .device(EntryType::Char, "dev/kmsg", 1, 11)
+            .file("dev/ok", b"1");
+        let stats = env.unpack(t).unwrap();
+        assert_eq!(stats.skipped_devices, 3);
+        assert_eq!(stats.entries, 5);
+        let names: Vec<_> = std::fs::read_dir(env.at("dev"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ok"]);
+    }
+
+    #[test]
+    fn later_entries_replace_earlier_ones() {
+        let env = Env::new();
+        let outside_secret = env.outside.join("secret");
+        let mut t = Tar::new();
+        t.file("a", b"one")
+            .file("a", b"two")
+            .dir("d/")
+            .dir("d/sub/")
+            .file("d/sub/f", b"x")
+            .file("d", b"now a file")
+            .symlink("s", outside_secret.to_str().unwrap())
+            .file("s", b"replaced the symlink")
+            .entry(EntryType::Directory, "k/", None, b"", owned(0, 0, 0o700))
+            .file("k/child", b"")
+            .entry(EntryType::Directory, "k/", None, b"", owned(9, 9, 0o755))
+            .file(".wh.w", b"")
+            .dir("w/")
+            .file(".wh.v", b"")
+            .file("v/x", b"")
+            .symlink("e", "/")
+            .dir("e/")
+            .file("e/f", b"");
+        env.unpack(t).unwrap();
+        assert_eq!(std::fs::read(env.at("a")).unwrap(), b"two");
+        assert_eq!(std::fs::read(env.at("d")).unwrap(), b"now a file");
+        assert_eq!(std::fs::read(env.at("s")).unwrap(), b"replaced the symlink");
+        let k = meta(&env.at("k"));
+        assert_eq!((k.uid(), k.mode() & 0o7777), (9, 0o755));
+        assert!(env.at("k/child").exists());
+        for recreated in ["w", "v"] {
+            assert!(meta(&env.at(recreated)).is_dir());
+            let opaque = xattr(&env.at(recreated), OPAQUE_XATTR);
+            assert_eq!(opaque.as_deref(), Some(&b"y"[..]), "{recreated}");
+        }
+        assert!(meta(&env.at("e")).is_dir());
+        assert!(env.at("e/f").is_file());
+        env.assert_outside_untouched();
+    }
+
+    #[test]
+    fn hardlinks_resolve_within_the_layer() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.file("a/f", b"data")
+            .dir("b/c/")
+            .hardlink("b/c/h", "a/f")
+            .hardlink("a/h2", "a/f")
+            .symlink("a/s", env.outside.join("secret").to_str().unwrap())
+            .hardlink("b/s2", "a/s")
+            .hardlink("a/f", "a/f");
+        env.unpack(t).unwrap();
+        let f = meta(&env.at("a/f"));
+        assert_eq!(f.nlink(), 3);
+        assert_eq!(meta(&env.at("b/c/h")).ino(), f.ino());
+        assert_eq!(meta(&env.at("a/h2")).ino(), f.ino());
+        assert!(meta(&env.at("b/s2")).file_type().is_symlink());
+        assert_eq!(meta(&env.at("b/s2")).ino(), meta(&env.at("a/s")).ino());
+        env.assert_outside_untouched();
+    }
+
+    #[test]
+    fn large_files_stream_and_long_names_work() {
+        let env = Env::new();
+        let data: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+        let long_dir = "d".repeat(120);
+        let long_path = format!("{long_dir}/{}", "f".repeat(150));
+        let long_target = "t".repeat(200);
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(MTIME);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, &long_path, &data[..]).unwrap();
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::Symlink);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(0o777);
+        h.set_mtime(MTIME);
+        h.set_size(0);
+        b.append_link(&mut h, "sl", &long_target).unwrap();
+        let stats = unpack_layer(&b.into_inner().unwrap()[..], &env.dest, &[]).unwrap();
+        assert_eq!(stats.bytes, data.len() as u64);
+        assert_eq!(std::fs::read(env.at(&long_path)).unwrap(), data);
+        assert_eq!(
+            std::fs::read_link(env.at("sl")).unwrap(),
+            Path::new(&long_target)
+        );
+    }
+
+    #[test]
+    fn error_messages_name_the_entry() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.file("../etc/passwd", b"x");
+        let err = env.unpack(t).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"layer entry "../etc/passwd": path escapes the layer (contains ..)"#
+        );
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.hardlink("h", "missing");
+        let err = env.unpack(t).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            r#"layer entry "h": hardlink target "missing": does not exist in this layer"#
+        );
+    }
+
+    #[test]
+    fn dest_must_be_an_empty_directory() {
+        let env = Env::new();
+        std::fs::write(env.at("leftover"), b"").unwrap();
+        let err = env.unpack(Tar::new()).unwrap_err();
+        assert!(matches!(err, UnpackError::Destination { .. }), "{err}");
+        let err = unpack_layer(&Tar::new().build()[..], &env.outside.join("secret"), &[]);
+        assert!(matches!(err, Err(UnpackError::Destination { .. })));
+    }
+
+    #[test]
+    fn truncated_archive_fails() {
+        let env = Env::new();
+        let mut t = Tar::new();
+        t.file("a", &[7u8; 5000]);
+        let mut bytes = t.build();
+        bytes.truncate(512 + 1000);
+        let err = unpack_layer(&bytes[..], &env.dest, &[]).unwrap_err();
+        assert!(err.to_string().contains(r#"layer entry "a""#), "{err}");
+    }
+
+    /// Each hostile archive must fail, name the offending entry, and leave
+    /// the sentinel directory next to `dest` untouched.
+    #[test]
+    fn hostile_archives_are_rejected() {
+        type Case = (&'static str, &'static str, fn(&Env, &mut Tar));
+        let cases: &[Case] = &[
+            ("absolute path", "/etc/x", |_, t| {
+                t.file("/etc/x", b"x");
+            }),
+            (
+                "absolute path into the sentinel",
+                "<outside>/pwned",
+                |env, t| {
+                    t.file(&sub(env, "<outside>/pwned"), b"x");
+                },
+            ),
+            ("dotdot", "../x", |_, t| {
+                t.file("../x", b"x");
+            }),
+            ("nested dotdot", "a/../../x", |_, t| {
+                t.file("a/../../x", b"x");
+            }),
+            ("dotdot directory", "../outside/d/", |_, t| {
+                t.dir("../outside/d/");
+            }),
+            ("absolute symlink parent", "s/pwned", |env, t| {
+                t.symlink("s", &sub(env, "<outside>")).file("s/pwned", b"x");
+            }),
+            ("relative symlink parent", "s/pwned", |_, t| {
+                t.symlink("s", "../outside").file("s/pwned", b"x");
+            }),
+            ("symlink to root", "s/outside/pwned", |_, t| {
+                t.symlink("s", "../../../../../../..")
+                    .file("s/outside/pwned", b"x");
+            }),
+            ("nested symlink parent", "d/s/sub/", |env, t| {
+                t.dir("d/")
+                    .symlink("d/s", &sub(env, "<outside>"))
+                    .dir("d/s/sub/");
+            }),
+            ("symlink parent of a hardlink", "s/h", |env, t| {
+                t.file("f", b"x")
+                    .symlink("s", &sub(env, "<outside>"))
+                    .hardlink("s/h", "f");
+            }),
+            ("symlink parent of a symlink", "s/l", |env, t| {
+                t.symlink("s", &sub(env, "<outside>")).symlink("s/l", "/");
+            }),
+            ("symlink parent of a fifo", "s/p", |env, t| {
+                t.symlink("s", &sub(env, "<outside>")).entry(
+                    EntryType::Fifo,
+                    "s/p",
+                    None,
+                    b"",
+                    |_| {},
+                );
+            }),
+            ("whiteout through a symlink", "s/.wh.secret", |env, t| {
+                t.symlink("s", &sub(env, "<outside>"))
+                    .file("s/.wh.secret", b"");
+            }),
+            ("opaque through a symlink", "s/.wh..wh..opq", |env, t| {
+                t.symlink("s", &sub(env, "<outside>"))
+                    .file("s/.wh..wh..opq", b"");
+            }),
+            ("whiteout of dot", "a/.wh..", |_, t| {
+                t.dir("a/").file("a/.wh..", b"");
+            }),
+            ("whiteout named dotdot", "a/.wh...", |_, t| {
+                t.dir("a/").file("a/.wh...", b"");
+            }),
+            ("hardlink to an absolute path", "h", |_, t| {
+                t.hardlink("h", "/etc/passwd");
+            }),
+            ("hardlink to the sentinel", "h", |env, t| {
+                t.hardlink("h", &sub(env, "<outside>/secret"));
+            }),
+            ("hardlink with dotdot", "h", |_, t| {
+                t.hardlink("h", "../outside/secret");
+            }),
+            ("hardlink through a symlink", "h", |env, t| {
+                t.symlink("s", &sub(env, "<outside>"))
+                    .hardlink("h", "s/secret");
+            }),
+            ("hardlink through a nested symlink", "x/h", |_, t| {
+                t.dir("a/")
+                    .symlink("a/s", "../../outside")
+                    .dir("x/")
+                    .hardlink("x/h", "a/s/secret");
+            }),
+            ("hardlink to a lower-layer file", "h", |_, t| {
+                t.hardlink("h", "lowerfile");
+            }),
+            ("lower-layer symlink parent", "lib/pwned", |env, t| {
+                let lower = env.tmp.path().join("lower");
+                std::os::unix::fs::symlink(&env.outside, lower.join("lib")).unwrap();
+                t.file("lib/pwned", b"x");
+            }),
+            (
+                "lower-layer symlink deeper down",
+                "usr/lib/pwned",
+                |env, t| {
+                    let lower = env.tmp.path().join("lower");
+                    std::fs::create_dir(lower.join("usr")).unwrap();
+                    std::os::unix::fs::symlink("../../outside", lower.join("usr/lib")).unwrap();
+                    t.dir("usr/").file("usr/lib/pwned", b"x");
+                },
+            ),
+        ];
+        for (what, entry, build) in cases {
+            let env = Env::new();
+            let lower = env.lower("lower");
+            std::fs::write(lower.join("lowerfile"), b"").unwrap();
+            let mut t = Tar::new();
+            build(&env, &mut t);
+            let err = env.unpack_with(t, &[lower]).expect_err(what).to_string();
+            let entry = sub(&env, entry);
+            assert!(
+                err.starts_with(&format!("layer entry {entry:?}")),
+                "{what}: unexpected error: {err}"
+            );
+            env.assert_outside_untouched();
+        }
+    }
+
+    /// Puts the sentinel's real path in place of `<outside>`.
+    fn sub(env: &Env, text: &str) -> String {
+        text.replace("<outside>", env.outside.to_str().unwrap())
+    }
+
+    #[test]
+    fn lower_layers_decide_top_most_first() {
+        let env = Env::new();
+        let upper = env.lower("l1");
+        let below = env.lower("l2");
+        // A whiteout in l1 hides l2's symlink.
+        mknod_whiteout(&upper.join("lib"));
+        std::os::unix::fs::symlink(&env.outside, below.join("lib")).unwrap();
+        // An opaque directory in l1 hides l2's contents.
+        std::fs::create_dir(upper.join("a")).unwrap();
+        fs::setxattr(upper.join("a"), OPAQUE_XATTR, b"y", XattrFlags::empty()).unwrap();
+        std::fs::create_dir(below.join("a")).unwrap();
+        std::os::unix::fs::symlink(&env.outside, below.join("a/s")).unwrap();
+        // A regular file in l1 hides l2's directory.
+        std::fs::write(upper.join("f"), b"").unwrap();
+        std::fs::create_dir(below.join("f")).unwrap();
+        std::os::unix::fs::symlink(&env.outside, below.join("f/s")).unwrap();
+        // Symlinks replaced in this layer by an explicit directory, or hidden
+        // by this layer's own opaque marker.
+        std::os::unix::fs::symlink(&env.outside, upper.join("bin")).unwrap();
+        std::fs::create_dir(upper.join("c")).unwrap();
+        std::os::unix::fs::symlink(&env.outside, upper.join("c/s")).unwrap();
+        // A merged (non-opaque) directory lets l2's symlink show through.
+        std::fs::create_dir(upper.join("b")).unwrap();
+        std::fs::create_dir(below.join("b")).unwrap();
+        std::os::unix::fs::symlink(&env.outside, below.join("b/s")).unwrap();
+        let lowers = [upper.clone(), below.clone()];
+
+        let mut t = Tar::new();
+        t.file("lib/ok", b"")
+            .file("a/s/ok", b"")
+            .file("f/s/ok", b"")
+            .dir("bin/")
+            .file("bin/ok", b"")
+            .file("c/.wh..wh..opq", b"")
+            .file("c/s/ok", b"");
+        env.unpack_with(t, &lowers).unwrap();
+        for ok in ["lib/ok", "a/s/ok", "f/s/ok", "bin/ok", "c/s/ok"] {
+            assert!(env.at(ok).is_file(), "{ok}");
+        }
+        env.assert_outside_untouched();
+
+        let env2 = Env::new();
+        let mut t = Tar::new();
+        t.file("b/s/pwned", b"");
+        let err = env2.unpack_with(t, &lowers).unwrap_err().to_string();
+        assert!(
+            err.starts_with(r#"layer entry "b/s/pwned": parent "b/s" is a symlink in lower layer"#),
+            "{err}"
+        );
+        env.assert_outside_untouched();
     }
 }
