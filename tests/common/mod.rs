@@ -40,8 +40,6 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -342,8 +340,8 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 fn signal(pid: i32, sig: i32) {
-    unsafe {
-        libc::kill(pid, sig);
+    if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
 
@@ -391,24 +389,6 @@ pub struct Netns {
     holder: Mutex<Option<Child>>,
 }
 
-fn set_pdeathsig(cmd: &mut Command) {
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 impl Netns {
     pub fn new() -> Netns {
         require_tool("unshare", "util-linux");
@@ -425,8 +405,11 @@ impl Netns {
             SEQ.fetch_add(1, Ordering::SeqCst),
             nanos
         );
-        let mut cmd = Command::new("unshare");
+        let mut cmd = Command::new("setpriv");
         cmd.args([
+            "--pdeathsig",
+            "KILL",
+            "unshare",
             "--net",
             "--mount",
             "--propagation",
@@ -439,7 +422,6 @@ impl Netns {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-        set_pdeathsig(&mut cmd);
         let mut holder = cmd.spawn().expect("spawn unshare");
         let pid = holder.id() as i32;
 
@@ -606,14 +588,15 @@ impl Default for Netns {
 }
 
 fn handle_command(inner: &NsInner, program: impl AsRef<OsStr>) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg("--target")
+    // setpriv sets PR_SET_PDEATHSIG before exec'ing nsenter, so everything a
+    // test starts dies with the thread that started it.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "nsenter", "--target"])
         .arg(inner.pid.to_string())
         .args(["--net", "--mount", "--"])
         .arg(program)
         .env(NS_MARKER_ENV, &inner.marker)
         .stdin(Stdio::null());
-    set_pdeathsig(&mut cmd);
     cmd
 }
 
@@ -623,9 +606,7 @@ fn tcp_connect_in(pid: i32, addr: &str) -> std::io::Result<TcpStream> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     std::thread::spawn(move || {
         let ns = File::open(format!("/proc/{pid}/ns/net"))?;
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
         TcpStream::connect_timeout(&addr, Duration::from_secs(2))
     })
     .join()
@@ -681,9 +662,11 @@ fn reap_if_child(pid: i32) -> bool {
     match proc_info(pid) {
         None => true,
         Some(i) if i.ppid == me => {
-            let mut st = 0;
-            let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-            r == pid || r < 0
+            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+            !matches!(
+                waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            )
         }
         Some(_) => true,
     }
