@@ -179,6 +179,7 @@ fn harness_smoke() {
                 port: 5001,
                 tls: true,
                 basic_auth: Some((user.clone(), pass.clone())),
+                ..Default::default()
             },
         );
         assert_eq!(plain.addr, "127.0.0.1:5000");

@@ -492,6 +492,7 @@ async fn tls_and_basic_auth() {
             port: 5001,
             tls: true,
             basic_auth: Some(("alice".into(), "s3cret".into())),
+            ..Default::default()
         },
     );
     reg.push("busybox", "private/app:1");
@@ -692,4 +693,66 @@ async fn kill_during_pull_then_clean_pull() {
         );
     }
     env.finish();
+}
+
+#[tokio::test]
+async fn bearer_token_challenge_and_registry_token() {
+    let ns = Netns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = token_server::TokenServer::start(&ns, tmp.path(), 5003, "alice", "s3cret");
+    let reg = Registry::start(
+        &ns,
+        RegistryOpts {
+            port: 5002,
+            basic_auth: Some(("alice".into(), "s3cret".into())),
+            token_auth: Some((tokens.realm.clone(), tokens.cert_pem.clone())),
+            ..Default::default()
+        },
+    );
+    reg.push("busybox", "private/tok:1");
+    let berth = Berth::start(
+        &ns,
+        BerthOpts {
+            registries_conf: Some(
+                "[[registry]]\nlocation = \"127.0.0.1:5002\"\ninsecure = true\n".into(),
+            ),
+            ..Default::default()
+        },
+    );
+    let mut c = berth.image_client().await;
+    let image = "127.0.0.1:5002/private/tok:1";
+    let e = pull(&mut c, image).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "anonymous: {e:?}");
+    let before = tokens.issued.load(std::sync::atomic::Ordering::Relaxed);
+    let creds = cri::AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    pull_auth(&mut c, image, Some(creds)).await.unwrap();
+    assert!(
+        tokens.issued.load(std::sync::atomic::Ordering::Relaxed) > before,
+        "berth fetched a token from the realm"
+    );
+    remove(&mut c, image).await;
+    // A registry token (as kubelet passes one) is sent as the bearer directly.
+    let token = cri::AuthConfig {
+        registry_token: tokens.mint("private/tok"),
+        ..Default::default()
+    };
+    pull_auth(&mut c, image, Some(token)).await.unwrap();
+    assert!(status(&mut c, image).await.is_some());
+    let bad = cri::AuthConfig {
+        registry_token: "not-a-token".into(),
+        ..Default::default()
+    };
+    remove(&mut c, image).await;
+    let e = pull_auth(&mut c, image, Some(bad)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "bad token: {e:?}");
+    let dir = berth.dir.clone();
+    drop(c);
+    drop(berth);
+    drop(reg);
+    drop(tokens);
+    ns.assert_no_leaks(&dir);
 }

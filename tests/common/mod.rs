@@ -35,6 +35,8 @@
 
 #![allow(dead_code)]
 
+pub mod token_server;
+
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -735,6 +737,8 @@ pub struct RegistryOpts {
     pub tls: bool,
     /// (user, password): the registry requires HTTP basic auth (htpasswd).
     pub basic_auth: Option<(String, String)>,
+    /// Bearer-token auth: (realm URL, PEM of the token signing cert).
+    pub token_auth: Option<(String, PathBuf)>,
 }
 
 impl Default for RegistryOpts {
@@ -743,6 +747,7 @@ impl Default for RegistryOpts {
             port: 5000,
             tls: false,
             basic_auth: None,
+            token_auth: None,
         }
     }
 }
@@ -860,6 +865,14 @@ impl Registry {
             auth_yaml = format!(
                 "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
                 htpasswd.display()
+            );
+        }
+        if let Some((realm, cert)) = &opts.token_auth {
+            auth_yaml = format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                token_server::SERVICE,
+                token_server::ISSUER,
+                cert.display()
             );
         }
         let config = format!(
