@@ -749,6 +749,20 @@ async fn bearer_token_challenge_and_registry_token() {
     remove(&mut c, image).await;
     let e = pull_auth(&mut c, image, Some(bad)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "bad token: {e:?}");
+    // An identity token is an OAuth2 refresh token, traded at the realm.
+    let identity = |t: &str| cri::AuthConfig {
+        identity_token: t.into(),
+        ..Default::default()
+    };
+    pull_auth(&mut c, image, Some(identity(token_server::REFRESH_TOKEN)))
+        .await
+        .unwrap();
+    remove(&mut c, image).await;
+    let e = pull_auth(&mut c, image, Some(identity("stale")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "bad identity token: {e:?}");
+    assert!(e.message().contains("identity token"), "{}", e.message());
     let dir = berth.dir.clone();
     drop(c);
     drop(berth);

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
+const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -213,7 +214,16 @@ impl Puller {
         };
         let mut failures: Vec<(Endpoint, PullError)> = Vec::new();
         for ep in endpoints {
-            match self.pull_from(&wanted, &ep, &auth).await {
+            let res = match &auth {
+                Auth::Registry(a) => self.pull_from(&wanted, &ep, a).await,
+                Auth::Identity(token) => {
+                    match self.exchange_identity_token(&name, &ep, token).await {
+                        Ok(a) => self.pull_from(&wanted, &ep, &a).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match res {
                 Ok(rec) => return Ok(rec),
                 // Content that fails verification or is unsafe is the image's
                 // fault, not the endpoint's: trying elsewhere would hide it.
@@ -248,12 +258,11 @@ impl Puller {
         ))
     }
 
-    fn client_for(&self, ep: &Endpoint) -> Result<Client, String> {
-        let host = &ep.reference.domain;
-        let mut certs = Vec::new();
-        let host_dir = self.cfg.certs_dir.join(host);
+    /// PEM CA certificates trusted for `host`: the global ones plus
+    /// `<certs_dir>/<host>/*.crt|*.pem`.
+    fn ca_certs(&self, host: &str) -> Result<Vec<Vec<u8>>, String> {
         let mut files: Vec<PathBuf> = self.cfg.ca_files.clone();
-        if let Ok(rd) = std::fs::read_dir(&host_dir) {
+        if let Ok(rd) = std::fs::read_dir(self.cfg.certs_dir.join(host)) {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "crt" || x == "pem") {
@@ -261,15 +270,26 @@ impl Puller {
                 }
             }
         }
-        for f in files {
-            let data =
-                std::fs::read(&f).map_err(|e| format!("read CA file {}: {e}", f.display()))?;
-            certs.push(Certificate {
+        files
+            .iter()
+            .map(|f| std::fs::read(f).map_err(|e| format!("read CA file {}: {e}", f.display())))
+            .collect()
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.registry_timeout_secs.max(1))
+    }
+
+    fn client_for(&self, ep: &Endpoint) -> Result<Client, String> {
+        let host = &ep.reference.domain;
+        let certs = self
+            .ca_certs(host)?
+            .into_iter()
+            .map(|data| Certificate {
                 encoding: CertificateEncoding::Pem,
                 data,
-            });
-        }
-        let timeout = Duration::from_secs(self.cfg.registry_timeout_secs.max(1));
+            })
+            .collect();
         let config = ClientConfig {
             protocol: if ep.insecure {
                 ClientProtocol::Http
@@ -278,12 +298,113 @@ impl Puller {
             },
             extra_root_certificates: certs,
             platform_resolver: None,
-            read_timeout: Some(timeout),
-            connect_timeout: Some(timeout),
-            user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
+            read_timeout: Some(self.timeout()),
+            connect_timeout: Some(self.timeout()),
+            user_agent: USER_AGENT,
             ..Default::default()
         };
         Client::try_from(config).map_err(|e| format!("registry client for {host}: {e}"))
+    }
+
+    /// Trades a CRI identity_token (an OAuth2 refresh token) for an access
+    /// token at the registry's token realm, as docker and containerd do.
+    /// oci-client only speaks the GET form of the token protocol, so the
+    /// refresh-token POST is done here.
+    async fn exchange_identity_token(
+        &self,
+        image: &str,
+        ep: &Endpoint,
+        refresh_token: &str,
+    ) -> Result<RegistryAuth, PullError> {
+        let r = &ep.reference;
+        let unauthorized = |detail: String| PullError::Unauthorized {
+            image: image.to_string(),
+            detail,
+        };
+        let unavailable = |detail: String| PullError::Unavailable {
+            image: image.to_string(),
+            detail,
+        };
+        let mut builder = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(self.timeout())
+            .read_timeout(self.timeout());
+        let mut certs = Vec::new();
+        for pem in self.ca_certs(&r.domain).map_err(unavailable)? {
+            certs.push(
+                reqwest::Certificate::from_pem(&pem)
+                    .map_err(|e| unavailable(format!("CA certificate for {}: {e}", r.domain)))?,
+            );
+        }
+        if !certs.is_empty() {
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
+        let scheme = if ep.insecure { "http" } else { "https" };
+        let ping = http
+            .get(format!("{scheme}://{}/v2/", r.domain))
+            .send()
+            .await
+            .map_err(|e| unavailable(format!("{}: {e}", r.domain)))?;
+        let challenge = ping
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_bearer_challenge)
+            .ok_or_else(|| {
+                unauthorized(format!(
+                    "{} does not offer token authentication, so an identity token cannot be used",
+                    r.domain
+                ))
+            })?;
+        let scope = format!("repository:{}:pull", r.path);
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("client_id", "berth"),
+            ("scope", scope.as_str()),
+        ];
+        if let Some(s) = &challenge.1 {
+            form.push(("service", s.as_str()));
+        }
+        let resp = http
+            .post(&challenge.0)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| unavailable(format!("token realm {}: {e}", challenge.0)))?;
+        if !resp.status().is_success() {
+            return Err(unauthorized(format!(
+                "token realm {} refused the identity token: HTTP {}",
+                challenge.0,
+                resp.status()
+            )));
+        }
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            #[serde(default)]
+            access_token: String,
+            #[serde(default)]
+            token: String,
+        }
+        let body: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|e| unauthorized(format!("token realm {}: bad answer: {e}", challenge.0)))?;
+        let token = if body.access_token.is_empty() {
+            body.token
+        } else {
+            body.access_token
+        };
+        if token.is_empty() {
+            return Err(unauthorized(format!(
+                "token realm {} returned no access token",
+                challenge.0
+            )));
+        }
+        Ok(RegistryAuth::Bearer(token))
     }
 
     async fn pull_from(
@@ -939,12 +1060,27 @@ fn choose_platform(entries: &[Descriptor]) -> Option<String> {
         .map(|d| d.digest.clone())
 }
 
-fn registry_auth(c: &Credentials) -> Result<RegistryAuth, String> {
+/// How a pull authenticates.
+enum Auth {
+    Registry(RegistryAuth),
+    /// An OAuth2 refresh token, exchanged per registry for an access token.
+    Identity(String),
+}
+
+fn registry_auth(c: &Credentials) -> Result<Auth, String> {
     if !c.registry_token.is_empty() {
-        return Ok(RegistryAuth::Bearer(c.registry_token.clone()));
+        return Ok(Auth::Registry(RegistryAuth::Bearer(
+            c.registry_token.clone(),
+        )));
+    }
+    if !c.identity_token.is_empty() {
+        return Ok(Auth::Identity(c.identity_token.clone()));
     }
     if !c.username.is_empty() {
-        return Ok(RegistryAuth::Basic(c.username.clone(), c.password.clone()));
+        return Ok(Auth::Registry(RegistryAuth::Basic(
+            c.username.clone(),
+            c.password.clone(),
+        )));
     }
     if !c.auth.is_empty() {
         use base64::Engine;
@@ -955,17 +1091,33 @@ fn registry_auth(c: &Credentials) -> Result<RegistryAuth, String> {
         let (u, p) = s
             .split_once(':')
             .ok_or_else(|| "auth is not base64 of user:password".to_string())?;
-        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+        return Ok(Auth::Registry(RegistryAuth::Basic(
+            u.to_string(),
+            p.to_string(),
+        )));
     }
-    if !c.identity_token.is_empty() {
-        // Registries that issue identity tokens accept them as the password of
-        // the token user in the token request (the docker credential convention).
-        return Ok(RegistryAuth::Basic(
-            "<token>".to_string(),
-            c.identity_token.clone(),
-        ));
+    Ok(Auth::Registry(RegistryAuth::Anonymous))
+}
+
+/// `Bearer realm="...",service="..."` -> (realm, service).
+fn parse_bearer_challenge(h: &str) -> Option<(String, Option<String>)> {
+    let rest = h
+        .trim()
+        .strip_prefix("Bearer ")
+        .or_else(|| h.trim().strip_prefix("bearer "))?;
+    let mut realm = None;
+    let mut service = None;
+    // Values are quoted and may contain commas (scopes), so split on `",`.
+    for part in rest.split("\",") {
+        let (k, v) = part.split_once('=')?;
+        let v = v.trim().trim_matches('"').to_string();
+        match k.trim().trim_start_matches(',').trim() {
+            "realm" => realm = Some(v),
+            "service" => service = Some(v),
+            _ => {}
+        }
     }
-    Ok(RegistryAuth::Anonymous)
+    Some((realm?, service))
 }
 
 fn classify(image: &str, what: &str, e: OciDistributionError) -> PullError {
@@ -1076,7 +1228,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert!(matches!(a, RegistryAuth::Basic(u, p) if u == "u" && p == "p:w"));
+        assert!(matches!(a, Auth::Registry(RegistryAuth::Basic(u, p)) if u == "u" && p == "p:w"));
         assert!(registry_auth(&Credentials {
             auth: "!!".into(),
             ..Default::default()
@@ -1084,7 +1236,7 @@ mod tests {
         .is_err());
         assert!(matches!(
             registry_auth(&Credentials::default()).unwrap(),
-            RegistryAuth::Anonymous
+            Auth::Registry(RegistryAuth::Anonymous)
         ));
         assert!(matches!(
             registry_auth(&Credentials {
@@ -1092,8 +1244,32 @@ mod tests {
                 ..Default::default()
             })
             .unwrap(),
-            RegistryAuth::Bearer(t) if t == "t"
+            Auth::Registry(RegistryAuth::Bearer(t)) if t == "t"
         ));
+        assert!(matches!(
+            registry_auth(&Credentials {
+                identity_token: "r".into(),
+                username: "u".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+            Auth::Identity(t) if t == "r"
+        ));
+    }
+
+    #[test]
+    fn bearer_challenges() {
+        assert_eq!(
+            parse_bearer_challenge(
+                r#"Bearer realm="https://auth.example/token",service="reg",scope="repository:a:pull,push""#
+            ),
+            Some(("https://auth.example/token".into(), Some("reg".into())))
+        );
+        assert_eq!(
+            parse_bearer_challenge(r#"Bearer realm="http://x/t""#),
+            Some(("http://x/t".into(), None))
+        );
+        assert_eq!(parse_bearer_challenge(r#"Basic realm="x""#), None);
     }
 
     #[test]

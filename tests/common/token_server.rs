@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const ISSUER: &str = "berth-test-issuer";
 pub const SERVICE: &str = "berth-test-registry";
+/// The OAuth2 refresh token (a CRI identity_token) the server accepts.
+pub const REFRESH_TOKEN: &str = "berth-test-refresh-token";
 
 pub struct TokenServer {
     pub realm: String,
@@ -145,8 +147,11 @@ fn serve_one(s: std::net::TcpStream, expected: &str, signer: &Signer, issued: &A
     if r.read_line(&mut line).is_err() {
         return;
     }
-    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or("").to_string();
+    let target = words.next().unwrap_or("").to_string();
     let mut auth = String::new();
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
@@ -155,21 +160,44 @@ fn serve_one(s: std::net::TcpStream, expected: &str, signer: &Signer, issued: &A
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("authorization") {
                 auth = v.trim().to_string();
+            } else if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
             }
         }
     }
-    let query = target.split_once('?').map(|x| x.1).unwrap_or("");
-    let scope = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("scope="))
-        .map(|v| {
-            v.replace("%3A", ":")
-                .replace("%2C", ",")
-                .replace("%2F", "/")
-        })
-        .unwrap_or_default();
+    let mut body = vec![0u8; length.min(1 << 16)];
+    let _ = std::io::Read::read_exact(&mut r, &mut body);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    // GET carries the parameters in the query, the OAuth2 POST in a form body.
+    let params = if method == "POST" {
+        body
+    } else {
+        target
+            .split_once('?')
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string()
+    };
+    let param = |name: &str| {
+        params
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .map(|v| {
+                v.replace("%3A", ":")
+                    .replace("%2C", ",")
+                    .replace("%2F", "/")
+                    .replace('+', " ")
+            })
+            .unwrap_or_default()
+    };
+    let scope = param("scope");
+    let authorized = if method == "POST" {
+        param("grant_type") == "refresh_token" && param("refresh_token") == REFRESH_TOKEN
+    } else {
+        auth == expected
+    };
     let mut w = s;
-    if auth != expected {
+    if !authorized {
         let _ = w.write_all(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
         );
