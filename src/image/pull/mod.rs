@@ -8,33 +8,38 @@
 //! it lacks (mirrors, digest-verified streaming into our store, platform
 //! variants, layer pipelining) is here.
 
-use super::reference::{parse_digest, ImageRef};
-use super::registries::{Endpoint, RegistriesConf, Resolution};
-use super::store::{hex_of, ImageRecord, ImageStore, ImageStoreError, LayerRecord};
-use super::unpack::{unpack_layer, UnpackError};
+mod auth;
+mod layer;
+mod manifest;
+
+pub use auth::Credentials;
+pub use manifest::host_arch;
+
 use crate::config::ImageConfig;
+use crate::image::reference::{parse_digest, ImageRef};
+use crate::image::registries::{Endpoint, RegistriesConf, Resolution};
+use crate::image::store::{hex_of, ImageRecord, ImageStore, ImageStoreError, LayerRecord};
+use crate::image::unpack::UnpackError;
+use auth::{registry_auth, Auth, ExchangeError};
 use futures::StreamExt;
+use layer::{unpack_verified, write_hashed, LayerFailure, RemoveOnDrop};
+use manifest::{
+    choose_platform, layer_compression, parse_manifest, sha256_hex, verify_manifest, Compression,
+    ImageConfigJson, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
+};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
 const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
-
-pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -72,92 +77,6 @@ pub enum PullError {
     },
     #[error("pull {image}: {detail}")]
     Internal { image: String, detail: String },
-}
-
-/// Credentials as the CRI AuthConfig carries them.
-#[derive(Debug, Clone, Default)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-    pub auth: String,
-    pub identity_token: String,
-    pub registry_token: String,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Deserialize, Default)]
-struct Platform {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    variant: String,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "schemaVersion", default)]
-    schema_version: i64,
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Option<Vec<Descriptor>>,
-    #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
-}
-
-#[derive(Deserialize, Default)]
-struct ImageConfigJson {
-    #[serde(default)]
-    config: Option<ContainerConfigJson>,
-    #[serde(default)]
-    rootfs: Option<RootFs>,
-}
-
-#[derive(Deserialize, Default)]
-struct ContainerConfigJson {
-    #[serde(rename = "User", default)]
-    user: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
-
-fn layer_compression(media_type: &str) -> Option<Compression> {
-    match media_type {
-        "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
-        "application/vnd.oci.image.layer.v1.tar+zstd"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
-        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
-        _ => None,
-    }
 }
 
 pub struct Puller {
@@ -216,12 +135,10 @@ impl Puller {
         for ep in endpoints {
             let res = match &auth {
                 Auth::Registry(a) => self.pull_from(&wanted, &ep, a).await,
-                Auth::Identity(token) => {
-                    match self.exchange_identity_token(&name, &ep, token).await {
-                        Ok(a) => self.pull_from(&wanted, &ep, &a).await,
-                        Err(e) => Err(e),
-                    }
-                }
+                Auth::Identity(token) => match self.identity_auth(&name, &ep, token).await {
+                    Ok(a) => self.pull_from(&wanted, &ep, &a).await,
+                    Err(e) => Err(e),
+                },
             };
             match res {
                 Ok(rec) => return Ok(rec),
@@ -306,21 +223,14 @@ impl Puller {
         Client::try_from(config).map_err(|e| format!("registry client for {host}: {e}"))
     }
 
-    /// Trades a CRI identity_token (an OAuth2 refresh token) for an access
-    /// token at the registry's token realm, as docker and containerd do.
-    /// oci-client only speaks the GET form of the token protocol, so the
-    /// refresh-token POST is done here.
-    async fn exchange_identity_token(
+    /// The access token an identity token buys at `ep`'s token realm.
+    async fn identity_auth(
         &self,
         image: &str,
         ep: &Endpoint,
         refresh_token: &str,
     ) -> Result<RegistryAuth, PullError> {
         let r = &ep.reference;
-        let unauthorized = |detail: String| PullError::Unauthorized {
-            image: image.to_string(),
-            detail,
-        };
         let unavailable = |detail: String| PullError::Unavailable {
             image: image.to_string(),
             detail,
@@ -343,68 +253,15 @@ impl Puller {
             .build()
             .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
         let scheme = if ep.insecure { "http" } else { "https" };
-        let ping = http
-            .get(format!("{scheme}://{}/v2/", r.domain))
-            .send()
-            .await
-            .map_err(|e| unavailable(format!("{}: {e}", r.domain)))?;
-        let challenge = ping
-            .headers()
-            .get(reqwest::header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_bearer_challenge)
-            .ok_or_else(|| {
-                unauthorized(format!(
-                    "{} does not offer token authentication, so an identity token cannot be used",
-                    r.domain
-                ))
-            })?;
-        let scope = format!("repository:{}:pull", r.path);
-        let mut form = vec![
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token),
-            ("client_id", "berth"),
-            ("scope", scope.as_str()),
-        ];
-        if let Some(s) = &challenge.1 {
-            form.push(("service", s.as_str()));
+        let base = format!("{scheme}://{}", r.domain);
+        match auth::exchange_identity_token(&http, &base, &r.path, refresh_token).await {
+            Ok(token) => Ok(RegistryAuth::Bearer(token)),
+            Err(ExchangeError::Unreachable(detail)) => Err(unavailable(detail)),
+            Err(ExchangeError::Refused(detail)) => Err(PullError::Unauthorized {
+                image: image.to_string(),
+                detail,
+            }),
         }
-        let resp = http
-            .post(&challenge.0)
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| unavailable(format!("token realm {}: {e}", challenge.0)))?;
-        if !resp.status().is_success() {
-            return Err(unauthorized(format!(
-                "token realm {} refused the identity token: HTTP {}",
-                challenge.0,
-                resp.status()
-            )));
-        }
-        #[derive(Deserialize)]
-        struct TokenResponse {
-            #[serde(default)]
-            access_token: String,
-            #[serde(default)]
-            token: String,
-        }
-        let body: TokenResponse = resp
-            .json()
-            .await
-            .map_err(|e| unauthorized(format!("token realm {}: bad answer: {e}", challenge.0)))?;
-        let token = if body.access_token.is_empty() {
-            body.token
-        } else {
-            body.access_token
-        };
-        if token.is_empty() {
-            return Err(unauthorized(format!(
-                "token realm {} returned no access token",
-                challenge.0
-            )));
-        }
-        Ok(RegistryAuth::Bearer(token))
     }
 
     async fn pull_from(
@@ -868,256 +725,11 @@ impl Puller {
     }
 }
 
-enum LayerFailure {
-    Unpack(UnpackError),
-    DiffId(String),
-    Io(std::io::Error),
-}
-
-/// Hashes the uncompressed stream while the unpacker consumes it.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-fn unpack_verified(
-    blob: &Path,
-    compression: Compression,
-    dest: &Path,
-    lowers: &[PathBuf],
-    diff_id: &str,
-) -> Result<super::unpack::UnpackStats, LayerFailure> {
-    let f = std::fs::File::open(blob).map_err(LayerFailure::Io)?;
-    let f = std::io::BufReader::with_capacity(1 << 20, f);
-    let inner: Box<dyn Read> = match compression {
-        Compression::None => Box::new(f),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(f).map_err(LayerFailure::Io)?)
-        }
-    };
-    let mut r = HashingReader {
-        inner,
-        hasher: Sha256::new(),
-    };
-    let stats = unpack_layer(&mut r, dest, lowers).map_err(LayerFailure::Unpack)?;
-    // The diff_id covers the whole stream, including tar padding after the end marker.
-    std::io::copy(&mut r, &mut std::io::sink()).map_err(LayerFailure::Io)?;
-    let actual = hex::encode(r.hasher.finalize());
-    if actual != hex_of(diff_id) {
-        return Err(LayerFailure::DiffId(actual));
-    }
-    Ok(stats)
-}
-
-fn write_hashed(
-    path: &Path,
-    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
-) -> std::io::Result<(u64, String)> {
-    let f = std::fs::File::create(path)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let mut h = Sha256::new();
-    let mut n = 0u64;
-    for chunk in rx {
-        h.update(&chunk);
-        w.write_all(&chunk)?;
-        n += chunk.len() as u64;
-    }
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    Ok((n, hex::encode(h.finalize())))
-}
-
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl RemoveOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = super::store::remove_tree(&p);
-        }
-    }
-}
-
 fn unreachable_tag(image: &str) -> Result<Reference, PullError> {
     Err(PullError::Internal {
         image: image.to_string(),
         detail: "reference has neither tag nor digest".into(),
     })
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
-}
-
-fn verify_manifest(image: &str, bytes: &[u8], expected: Option<&str>) -> Result<String, PullError> {
-    if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(PullError::Unsupported {
-            image: image.to_string(),
-            detail: format!("manifest of {} bytes is too large", bytes.len()),
-        });
-    }
-    let actual = format!("sha256:{}", sha256_hex(bytes));
-    if let Some(e) = expected {
-        if e != actual {
-            return Err(PullError::Integrity {
-                image: image.to_string(),
-                what: "manifest",
-                digest: e.to_string(),
-                detail: format!("content hashes to {actual}"),
-            });
-        }
-    }
-    Ok(actual)
-}
-
-fn parse_manifest(image: &str, bytes: &[u8]) -> Result<Manifest, PullError> {
-    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| PullError::Unsupported {
-        image: image.to_string(),
-        detail: format!("manifest is not valid JSON: {e}"),
-    })?;
-    if m.schema_version != 2 {
-        return Err(PullError::Unsupported {
-            image: image.to_string(),
-            detail: format!(
-                "manifest schema version {} (only Docker schema 2 and OCI manifests are supported)",
-                m.schema_version
-            ),
-        });
-    }
-    if !m.media_type.is_empty()
-        && ![
-            MT_OCI_MANIFEST,
-            MT_OCI_INDEX,
-            MT_DOCKER_MANIFEST,
-            MT_DOCKER_LIST,
-        ]
-        .contains(&m.media_type.as_str())
-    {
-        return Err(PullError::Unsupported {
-            image: image.to_string(),
-            detail: format!("manifest media type {:?}", m.media_type),
-        });
-    }
-    Ok(m)
-}
-
-/// This machine as OCI names it: (architecture, preferred variant).
-pub fn host_arch() -> (&'static str, &'static str) {
-    match std::env::consts::ARCH {
-        "x86_64" => ("amd64", ""),
-        "aarch64" => ("arm64", "v8"),
-        "arm" => ("arm", "v7"),
-        "x86" => ("386", ""),
-        "powerpc64" => ("ppc64le", ""),
-        "s390x" => ("s390x", ""),
-        "riscv64" => ("riscv64", ""),
-        other => (other, ""),
-    }
-}
-
-fn choose_platform(entries: &[Descriptor]) -> Option<String> {
-    let (arch, variant) = host_arch();
-    let candidates: Vec<&Descriptor> = entries
-        .iter()
-        .filter(|e| {
-            e.platform
-                .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-        })
-        .collect();
-    let score = |d: &&Descriptor| {
-        let v = d
-            .platform
-            .as_ref()
-            .map(|p| p.variant.as_str())
-            .unwrap_or("");
-        if v == variant {
-            2
-        } else if v.is_empty() || (arch == "amd64" && v == "v1") {
-            1
-        } else {
-            0
-        }
-    };
-    candidates
-        .iter()
-        .max_by_key(|d| score(d))
-        .filter(|d| score(d) > 0 || candidates.len() == 1)
-        .map(|d| d.digest.clone())
-}
-
-/// How a pull authenticates.
-enum Auth {
-    Registry(RegistryAuth),
-    /// An OAuth2 refresh token, exchanged per registry for an access token.
-    Identity(String),
-}
-
-fn registry_auth(c: &Credentials) -> Result<Auth, String> {
-    if !c.registry_token.is_empty() {
-        return Ok(Auth::Registry(RegistryAuth::Bearer(
-            c.registry_token.clone(),
-        )));
-    }
-    if !c.identity_token.is_empty() {
-        return Ok(Auth::Identity(c.identity_token.clone()));
-    }
-    if !c.username.is_empty() {
-        return Ok(Auth::Registry(RegistryAuth::Basic(
-            c.username.clone(),
-            c.password.clone(),
-        )));
-    }
-    if !c.auth.is_empty() {
-        use base64::Engine;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(c.auth.trim())
-            .map_err(|e| format!("auth is not base64: {e}"))?;
-        let s = String::from_utf8(raw).map_err(|_| "auth is not UTF-8".to_string())?;
-        let (u, p) = s
-            .split_once(':')
-            .ok_or_else(|| "auth is not base64 of user:password".to_string())?;
-        return Ok(Auth::Registry(RegistryAuth::Basic(
-            u.to_string(),
-            p.to_string(),
-        )));
-    }
-    Ok(Auth::Registry(RegistryAuth::Anonymous))
-}
-
-/// `Bearer realm="...",service="..."` -> (realm, service).
-fn parse_bearer_challenge(h: &str) -> Option<(String, Option<String>)> {
-    let rest = h
-        .trim()
-        .strip_prefix("Bearer ")
-        .or_else(|| h.trim().strip_prefix("bearer "))?;
-    let mut realm = None;
-    let mut service = None;
-    // Values are quoted and may contain commas (scopes), so split on `",`.
-    for part in rest.split("\",") {
-        let (k, v) = part.split_once('=')?;
-        let v = v.trim().trim_matches('"').to_string();
-        match k.trim().trim_start_matches(',').trim() {
-            "realm" => realm = Some(v),
-            "service" => service = Some(v),
-            _ => {}
-        }
-    }
-    Some((realm?, service))
 }
 
 fn classify(image: &str, what: &str, e: OciDistributionError) -> PullError {
@@ -1187,106 +799,5 @@ fn with_detail(e: PullError, extra: &str) -> PullError {
             detail: detail + extra,
         },
         other => other,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn desc(arch: &str, variant: &str, d: &str) -> Descriptor {
-        Descriptor {
-            media_type: MT_OCI_MANIFEST.into(),
-            digest: d.into(),
-            size: 1,
-            platform: Some(Platform {
-                architecture: arch.into(),
-                os: "linux".into(),
-                variant: variant.into(),
-            }),
-        }
-    }
-
-    #[test]
-    fn platform_choice() {
-        let e = vec![
-            desc("arm64", "v8", "a"),
-            desc("amd64", "", "b"),
-            desc("arm", "v7", "c"),
-        ];
-        assert_eq!(choose_platform(&e).as_deref(), Some("b"));
-        let e = vec![desc("arm64", "", "a")];
-        assert_eq!(choose_platform(&e), None);
-    }
-
-    #[test]
-    fn auth_forms() {
-        use base64::Engine;
-        let enc = base64::engine::general_purpose::STANDARD.encode("u:p:w");
-        let a = registry_auth(&Credentials {
-            auth: enc,
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(matches!(a, Auth::Registry(RegistryAuth::Basic(u, p)) if u == "u" && p == "p:w"));
-        assert!(registry_auth(&Credentials {
-            auth: "!!".into(),
-            ..Default::default()
-        })
-        .is_err());
-        assert!(matches!(
-            registry_auth(&Credentials::default()).unwrap(),
-            Auth::Registry(RegistryAuth::Anonymous)
-        ));
-        assert!(matches!(
-            registry_auth(&Credentials {
-                registry_token: "t".into(),
-                ..Default::default()
-            })
-            .unwrap(),
-            Auth::Registry(RegistryAuth::Bearer(t)) if t == "t"
-        ));
-        assert!(matches!(
-            registry_auth(&Credentials {
-                identity_token: "r".into(),
-                username: "u".into(),
-                ..Default::default()
-            })
-            .unwrap(),
-            Auth::Identity(t) if t == "r"
-        ));
-    }
-
-    #[test]
-    fn bearer_challenges() {
-        assert_eq!(
-            parse_bearer_challenge(
-                r#"Bearer realm="https://auth.example/token",service="reg",scope="repository:a:pull,push""#
-            ),
-            Some(("https://auth.example/token".into(), Some("reg".into())))
-        );
-        assert_eq!(
-            parse_bearer_challenge(r#"Bearer realm="http://x/t""#),
-            Some(("http://x/t".into(), None))
-        );
-        assert_eq!(parse_bearer_challenge(r#"Basic realm="x""#), None);
-    }
-
-    #[test]
-    fn manifest_checks() {
-        let m = br#"{"schemaVersion":1,"name":"x"}"#;
-        assert!(matches!(
-            parse_manifest("i", m),
-            Err(PullError::Unsupported { .. })
-        ));
-        let ok = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"x","digest":"sha256:00","size":1},"layers":[]}"#;
-        assert!(parse_manifest("i", ok).is_ok());
-        let d = verify_manifest("i", ok, None).unwrap();
-        assert!(verify_manifest("i", ok, Some(&d)).is_ok());
-        let wrong = format!("sha256:{}", "0".repeat(64));
-        assert!(matches!(
-            verify_manifest("i", ok, Some(&wrong)),
-            Err(PullError::Integrity { .. })
-        ));
     }
 }
