@@ -1013,16 +1013,8 @@ impl Registry {
     /// Raw manifest (or index) at `<addr>/<reference>`, via
     /// `skopeo inspect --raw`. Panics if it's not there.
     pub fn inspect_raw(&self, reference: &str) -> String {
-        let mut args: Vec<String> = vec![
-            "inspect".into(),
-            "--raw".into(),
-            "--tls-verify=false".into(),
-            "--retry-times".into(),
-            "0".into(),
-        ];
-        args.extend(self.creds_arg("--creds"));
-        args.push(format!("docker://{}/{}", self.addr, reference));
-        self.skopeo_ok(&args)
+        self.try_inspect_raw(reference)
+            .unwrap_or_else(|| panic!("skopeo inspect {}/{reference} failed", self.addr))
     }
 
     /// `inspect_raw` that returns None instead of panicking.

@@ -169,10 +169,11 @@ impl Puller {
             .iter()
             .map(|(ep, e)| format!("mirror {}: {e}", ep.reference.domain))
             .collect();
-        Err(with_detail(
-            last,
-            &format!(" (also tried {})", tried.join("; ")),
-        ))
+        let mut last = last;
+        if let Some(d) = last.registry_detail_mut() {
+            d.push_str(&format!(" (also tried {})", tried.join("; ")));
+        }
+        Err(last)
     }
 
     /// PEM CA certificates trusted for `host`: the global ones plus
@@ -780,24 +781,15 @@ fn classify(image: &str, what: &str, e: OciDistributionError) -> PullError {
     }
 }
 
-fn with_detail(e: PullError, extra: &str) -> PullError {
-    match e {
-        PullError::NotFound { image, detail } => PullError::NotFound {
-            image,
-            detail: detail + extra,
-        },
-        PullError::Unauthorized { image, detail } => PullError::Unauthorized {
-            image,
-            detail: detail + extra,
-        },
-        PullError::Unavailable { image, detail } => PullError::Unavailable {
-            image,
-            detail: detail + extra,
-        },
-        PullError::Registry { image, detail } => PullError::Registry {
-            image,
-            detail: detail + extra,
-        },
-        other => other,
+impl PullError {
+    /// The free-text part of errors that come from a registry's answer.
+    fn registry_detail_mut(&mut self) -> Option<&mut String> {
+        match self {
+            PullError::NotFound { detail, .. }
+            | PullError::Unauthorized { detail, .. }
+            | PullError::Unavailable { detail, .. }
+            | PullError::Registry { detail, .. } => Some(detail),
+            _ => None,
+        }
     }
 }
