@@ -3,6 +3,8 @@
 mod check;
 mod config;
 mod image;
+mod linux;
+mod pod;
 mod server;
 mod store;
 
@@ -46,6 +48,13 @@ enum Cmd {
     },
     /// Report what this host offers berth; non-zero exit if something needed is missing.
     Check,
+    /// The pod infra process (started by berth itself).
+    #[command(hide = true)]
+    Pause {
+        /// The pod this process holds the namespaces of.
+        #[arg(long)]
+        pod: String,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Pause { pod: _ } => pod::pause::run(),
         Cmd::Check => {
             if check::print_report(&check::run_checks()) {
                 ExitCode::SUCCESS

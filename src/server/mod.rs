@@ -2,10 +2,12 @@
 //! codes out. No syscalls here beyond the listening socket itself.
 
 mod image;
+mod pod;
 mod runtime;
 
 use crate::config::Config;
 use crate::image::ImageManager;
+use crate::pod::PodManager;
 use cri_proto::v1::image_service_server::ImageServiceServer;
 use cri_proto::v1::runtime_service_server::RuntimeServiceServer;
 use std::future::Future;
@@ -34,6 +36,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Pod(#[from] crate::pod::PodError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -50,6 +54,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 pub struct Daemon {
     pub config: Config,
     pub images: ImageManager,
+    pub pods: PodManager,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -94,7 +99,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _sock_lock = take_lock("socket", &config.socket, PathBuf::from(sock_lock_path))?;
 
     let images = ImageManager::open(&config)?;
-    let daemon = Arc::new(Daemon { config, images });
+    let pods = PodManager::open(&config.root, &config.state_dir)?;
+    let daemon = Arc::new(Daemon {
+        config,
+        images,
+        pods,
+    });
     let socket = daemon.config.socket.clone();
 
     // We hold the socket lock, so an existing socket file is a stale leftover.

@@ -1,6 +1,6 @@
 //! RuntimeService: runtime info now; pods and containers land with their issues.
 
-use super::{rpc, Daemon};
+use super::{pod, rpc, Daemon};
 use cri_proto::v1 as cri;
 use cri_proto::v1::runtime_service_server::RuntimeService;
 use std::collections::HashMap;
@@ -130,12 +130,95 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let req = req.into_inner();
+        let name = req
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default();
+        rpc("RunPodSandbox", &name, async {
+            let spec = pod::spec_from(req)?;
+            let id = pod::blocking(&self.0, move |d| d.pods.run(spec)).await?;
+            Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
+        })
+        .await
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = req.into_inner().pod_sandbox_id;
+        rpc("StopPodSandbox", &id.clone(), async {
+            pod::blocking(&self.0, move |d| d.pods.stop(&id)).await?;
+            Ok(cri::StopPodSandboxResponse {})
+        })
+        .await
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = req.into_inner().pod_sandbox_id;
+        rpc("RemovePodSandbox", &id.clone(), async {
+            pod::blocking(&self.0, move |d| d.pods.remove(&id)).await?;
+            Ok(cri::RemovePodSandboxResponse {})
+        })
+        .await
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let req = req.into_inner();
+        rpc("PodSandboxStatus", &req.pod_sandbox_id, async {
+            let p = self
+                .0
+                .pods
+                .get(&req.pod_sandbox_id)
+                .map_err(pod::status_of)?;
+            let info = if req.verbose {
+                pod::verbose_info(&p, &self.0.pods.exe().display().to_string())
+            } else {
+                HashMap::new()
+            };
+            Ok(cri::PodSandboxStatusResponse {
+                status: Some(pod::to_status(&p)),
+                info,
+                containers_statuses: vec![],
+                timestamp: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let filter = pod::filter_from(req.into_inner().filter);
+        rpc("ListPodSandbox", "", async {
+            Ok(cri::ListPodSandboxResponse {
+                items: self
+                    .0
+                    .pods
+                    .list(&filter)
+                    .iter()
+                    .map(pod::to_sandbox)
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     not_yet! {
-        run_pod_sandbox(cri::RunPodSandboxRequest) -> cri::RunPodSandboxResponse = "RunPodSandbox";
-        stop_pod_sandbox(cri::StopPodSandboxRequest) -> cri::StopPodSandboxResponse = "StopPodSandbox";
-        remove_pod_sandbox(cri::RemovePodSandboxRequest) -> cri::RemovePodSandboxResponse = "RemovePodSandbox";
-        pod_sandbox_status(cri::PodSandboxStatusRequest) -> cri::PodSandboxStatusResponse = "PodSandboxStatus";
-        list_pod_sandbox(cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse = "ListPodSandbox";
         create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse = "CreateContainer";
         start_container(cri::StartContainerRequest) -> cri::StartContainerResponse = "StartContainer";
         stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse = "StopContainer";

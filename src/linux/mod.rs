@@ -1,0 +1,27 @@
+//! The low-level runtime: the only place with `unsafe`. Each unsafe block
+//! says why it is sound. Callers get plain functions over paths and pids.
+
+pub mod netns;
+pub mod process;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    #[error("{op} {object}: {source}")]
+    Sys {
+        op: &'static str,
+        object: String,
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn sys<E: Into<std::io::Error>>(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(E) -> LinuxError {
+    let object = object.to_string();
+    move |e| LinuxError::Sys {
+        op,
+        object,
+        source: e.into(),
+    }
+}

@@ -1,0 +1,223 @@
+//! Starting berth's own helper processes inside new namespaces, and watching
+//! processes through pidfds (immune to pid reuse).
+
+use super::{sys, LinuxError};
+use rustix::process::{Pid, PidfdFlags, Signal};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Namespaces for a process started with [`spawn_in_namespaces`].
+#[derive(Debug, Default, Clone)]
+pub struct Namespaces<'a> {
+    /// A pinned network namespace to join; `None` keeps the caller's.
+    pub join_net: Option<&'a Path>,
+    pub new_ipc: bool,
+    pub new_uts: bool,
+    /// The process becomes PID 1 of a new PID namespace.
+    pub new_pid: bool,
+    /// Set in the new UTS namespace.
+    pub hostname: Option<&'a str>,
+}
+
+/// A started process: its pid and the kernel start time that identifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// Starts `exe args...` (stdio on /dev/null, in its own session) inside the
+/// requested namespaces. The process is created directly in them with
+/// clone(2), so with `new_pid` it is PID 1 there from its first instruction.
+pub fn spawn_in_namespaces(
+    exe: &Path,
+    args: &[&str],
+    ns: &Namespaces<'_>,
+) -> Result<ProcessId, LinuxError> {
+    let what = exe.display().to_string();
+    // Everything the child needs is prepared here: between clone and exec
+    // the child may only make raw syscalls (no allocation, no locks).
+    let exe_c = CString::new(exe.as_os_str().as_bytes()).map_err(sys("exec", &what))?;
+    let mut argv_c = vec![exe_c.clone()];
+    for a in args {
+        argv_c.push(CString::new(*a).map_err(sys("exec", &what))?);
+    }
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let devnull = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(sys("open", "/dev/null"))?;
+    let netns = match ns.join_net {
+        Some(p) => Some(std::fs::File::open(p).map_err(sys("open netns", p.display()))?),
+        None => None,
+    };
+    let hostname = ns.hostname.map(|h| h.as_bytes().to_vec());
+    let mut flags = 0;
+    if ns.new_ipc {
+        flags |= libc::CLONE_NEWIPC;
+    }
+    if ns.new_uts {
+        flags |= libc::CLONE_NEWUTS;
+    }
+    if ns.new_pid {
+        flags |= libc::CLONE_NEWPID;
+    }
+    let null_fd = devnull.as_raw_fd();
+    let net_fd = netns.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let host_ptr = hostname
+        .as_ref()
+        .map(|h| h.as_ptr())
+        .unwrap_or(std::ptr::null());
+    let host_len = hostname.as_ref().map(|h| h.len()).unwrap_or(0);
+
+    let mut stack = vec![0u8; 64 * 1024];
+    let child = ChildArgs {
+        exe: exe_c.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        null_fd,
+        net_fd,
+        host_ptr,
+        host_len,
+    };
+    // SAFETY: the stack is a live, writable buffer and we pass its top (it
+    // grows down on x86_64/aarch64). Without CLONE_VM the child runs on a
+    // copy of our memory, so `child` and the pointers it holds (CStrings,
+    // argv, hostname, all alive until clone returns) stay valid in it.
+    // `child_main` only makes async-signal-safe syscalls and then execs or
+    // _exits.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            stack.as_mut_ptr().add(stack.len()).cast(),
+            flags | libc::SIGCHLD,
+            (&child as *const ChildArgs).cast_mut().cast(),
+        )
+    };
+    if pid < 0 {
+        return Err(sys("clone", &what)(std::io::Error::last_os_error()));
+    }
+    let start_time = start_time(pid).map_err(sys("read start time of", pid))?;
+    Ok(ProcessId { pid, start_time })
+}
+
+struct ChildArgs {
+    exe: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    null_fd: libc::c_int,
+    net_fd: libc::c_int,
+    host_ptr: *const u8,
+    host_len: usize,
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the ChildArgs of the parent's stack frame,
+    // copied into this child's address space (no CLONE_VM); every pointer in
+    // it refers to memory copied the same way. Only raw syscalls follow.
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        if libc::setsid() < 0 {
+            libc::_exit(120);
+        }
+        if a.net_fd >= 0 && libc::setns(a.net_fd, libc::CLONE_NEWNET) < 0 {
+            libc::_exit(121);
+        }
+        if !a.host_ptr.is_null() && libc::sethostname(a.host_ptr.cast(), a.host_len) < 0 {
+            libc::_exit(122);
+        }
+        for fd in 0..3 {
+            if libc::dup2(a.null_fd, fd) < 0 {
+                libc::_exit(123);
+            }
+        }
+        libc::execve(a.exe, a.argv, a.envp);
+        libc::_exit(127)
+    }
+}
+
+/// The kernel start time (clock ticks since boot) of `pid`, field 22 of
+/// /proc/<pid>/stat; together with the pid it names one process for good.
+pub fn start_time(pid: i32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses: skip past the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .ok_or_else(|| std::io::Error::other("malformed /proc/<pid>/stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no start time in /proc/<pid>/stat"))
+}
+
+/// Whether the process still runs (not exited, not a zombie) and is the
+/// same one that was started.
+pub fn is_alive(p: ProcessId) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|x| x.1.split_whitespace().next())
+        .unwrap_or("");
+    state != "Z" && state != "X" && start_time(p.pid).ok() == Some(p.start_time)
+}
+
+/// Opens a pidfd for `p` if it is still the same live process.
+fn pidfd(p: ProcessId) -> Option<OwnedFd> {
+    let pid = Pid::from_raw(p.pid)?;
+    let fd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()?;
+    // The pidfd pins the process: if the start time still matches now, the
+    // fd refers to the process we started, not a later one with its pid.
+    is_alive(p).then_some(fd)
+}
+
+/// Sends SIGKILL to `p` (if it is still that process) and waits up to
+/// `timeout` for it to be gone, reaping it when it is our child.
+pub fn kill_and_wait(p: ProcessId, timeout: std::time::Duration) -> Result<(), LinuxError> {
+    let Some(fd) = pidfd(p) else {
+        reap(p.pid);
+        return Ok(());
+    };
+    match rustix::process::pidfd_send_signal(&fd, Signal::KILL) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+        Err(e) => return Err(sys("kill", p.pid)(e)),
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // A pidfd becomes readable when the process exits.
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ts = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) if n > 0 => break,
+            Ok(_) => {
+                return Err(sys("wait for exit of", p.pid)(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(sys("wait for exit of", p.pid)(e)),
+        }
+    }
+    reap(p.pid);
+    Ok(())
+}
+
+/// Collects the exit status of `pid` if it is an exited child of ours.
+pub fn reap(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    let _ = waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}

@@ -1,0 +1,505 @@
+//! Pod sandboxes: namespaces, the infra process, per-pod files, and their
+//! crash-safe records under `<root>/pods/<id>/state.json`.
+//!
+//! Every kernel object is announced in the record before it is made (state
+//! `Creating`), so a restart after kill -9 can remove what a half-made pod
+//! left and mark pods whose infra process died as not ready.
+
+mod files;
+pub mod pause;
+
+use crate::linux::process::{self, Namespaces, ProcessId};
+use crate::linux::{netns, LinuxError};
+use crate::store::{read_json, write_json, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+const INFRA_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("pod sandbox {0:?} not found")]
+    NotFound(String),
+    #[error("pod sandbox id prefix {0:?} is ambiguous")]
+    Ambiguous(String),
+    #[error("invalid pod sandbox config: {0}")]
+    Invalid(String),
+    #[error("pod sandbox {name} (namespace {namespace}, uid {uid}, attempt {attempt}) already exists as {id}")]
+    AlreadyExists {
+        name: String,
+        namespace: String,
+        uid: String,
+        attempt: u32,
+        id: String,
+    },
+    #[error("pod sandbox {id}: {source}")]
+    Kernel { id: String, source: LinuxError },
+    #[error("pod sandbox {id}: {source}")]
+    State { id: String, source: StoreError },
+    #[error("pod sandbox {id}: {what}: {source}")]
+    Io {
+        id: String,
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// How a pod uses one kind of namespace (CRI NamespaceMode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum NsMode {
+    #[default]
+    Pod,
+    Container,
+    Node,
+    Target,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsConfig {
+    pub servers: Vec<String>,
+    pub searches: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// What a pod was asked to be (from the CRI PodSandboxConfig).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub attempt: u32,
+    pub hostname: String,
+    pub log_directory: String,
+    pub dns: Option<DnsConfig>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub network: NsMode,
+    pub pid: NsMode,
+    pub ipc: NsMode,
+    pub runtime_handler: String,
+    pub cgroup_parent: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodState {
+    /// Being set up; objects named in the record may exist partly.
+    Creating,
+    Ready,
+    NotReady,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Infra {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl From<Infra> for ProcessId {
+    fn from(i: Infra) -> ProcessId {
+        ProcessId {
+            pid: i.pid,
+            start_time: i.start_time,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub id: String,
+    pub spec: PodSpec,
+    pub state: PodState,
+    /// Unix nanoseconds.
+    pub created_at: i64,
+    /// The netns pin; `None` for host-network pods.
+    pub netns: Option<PathBuf>,
+    pub infra: Option<Infra>,
+}
+
+impl PodRecord {
+    pub fn hostname(&self) -> &str {
+        if self.spec.hostname.is_empty() {
+            &self.spec.name
+        } else {
+            &self.spec.hostname
+        }
+    }
+}
+
+/// ListPodSandbox's filter.
+#[derive(Debug, Default, Clone)]
+pub struct PodFilter {
+    pub id: Option<String>,
+    pub state: Option<PodState>,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub struct PodManager {
+    pods_dir: PathBuf,
+    netns_dir: PathBuf,
+    exe: PathBuf,
+    pods: Mutex<BTreeMap<String, PodRecord>>,
+    /// Serialises Run/Stop/Remove: each touches several kernel objects.
+    ops: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PodManager {
+    /// Loads the pod records and reconciles them with the kernel.
+    pub fn open(root: &Path, state_dir: &Path) -> Result<PodManager, PodError> {
+        let io = |what: &str, source| PodError::Io {
+            id: String::new(),
+            what: what.to_string(),
+            source,
+        };
+        let pods_dir = root.join("pods");
+        let netns_dir = state_dir.join("netns");
+        for d in [&pods_dir, &netns_dir] {
+            std::fs::create_dir_all(d).map_err(|e| io(&format!("create {}", d.display()), e))?;
+        }
+        let exe = std::env::current_exe().map_err(|e| io("find berth's own binary", e))?;
+        let m = PodManager {
+            pods_dir,
+            netns_dir,
+            exe,
+            pods: Mutex::new(BTreeMap::new()),
+            ops: Mutex::new(()),
+        };
+        m.reconcile()?;
+        Ok(m)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.pods_dir.join(id).join("state.json")
+    }
+
+    fn persist(&self, rec: &PodRecord) -> Result<(), PodError> {
+        write_json(&self.record_path(&rec.id), rec).map_err(|source| PodError::State {
+            id: rec.id.clone(),
+            source,
+        })
+    }
+
+    fn reconcile(&self) -> Result<(), PodError> {
+        let mut pods = BTreeMap::new();
+        let entries = std::fs::read_dir(&self.pods_dir).map_err(|source| PodError::Io {
+            id: String::new(),
+            what: format!("read {}", self.pods_dir.display()),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let rec: PodRecord = match read_json(&self.record_path(&id)) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    // A directory without a record: a pod whose first write never happened.
+                    let _ = std::fs::remove_dir_all(e.path());
+                    continue;
+                }
+                Err(err) => {
+                    tracing::error!(pod = %id, error = %err, "unreadable pod record kept as is");
+                    continue;
+                }
+            };
+            match rec.state {
+                PodState::Creating => {
+                    tracing::warn!(pod = %id, "removing a pod sandbox whose creation was interrupted");
+                    self.destroy(&rec)?;
+                }
+                PodState::Ready => {
+                    let alive = rec.infra.is_some_and(|i| process::is_alive(i.into()));
+                    let net_ok = rec.netns.as_deref().is_none_or(netns::is_pinned);
+                    let mut rec = rec;
+                    if !alive || !net_ok {
+                        tracing::warn!(pod = %id, infra_alive = alive, netns = net_ok, "pod sandbox is no longer ready");
+                        if let Some(i) = rec.infra {
+                            let _ = process::kill_and_wait(i.into(), INFRA_STOP_TIMEOUT);
+                        }
+                        rec.state = PodState::NotReady;
+                        self.persist(&rec)?;
+                    }
+                    pods.insert(id, rec);
+                }
+                PodState::NotReady => {
+                    pods.insert(id, rec);
+                }
+            }
+        }
+        // Pins that no record owns are leftovers of a crash: remove them.
+        if let Ok(rd) = std::fs::read_dir(&self.netns_dir) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if !pods.contains_key(&id) {
+                    tracing::warn!(pin = %e.path().display(), "removing a network namespace no pod owns");
+                    let _ = netns::remove_pin(&e.path());
+                }
+            }
+        }
+        kill_orphan_infras(&self.exe, &pods);
+        *lock(&self.pods) = pods;
+        Ok(())
+    }
+
+    /// Removes every object of a pod and its record. Idempotent.
+    fn destroy(&self, rec: &PodRecord) -> Result<(), PodError> {
+        let kernel = |source| PodError::Kernel {
+            id: rec.id.clone(),
+            source,
+        };
+        if let Some(i) = rec.infra {
+            process::kill_and_wait(i.into(), INFRA_STOP_TIMEOUT).map_err(kernel)?;
+        }
+        if let Some(pin) = &rec.netns {
+            netns::remove_pin(pin).map_err(kernel)?;
+        }
+        let dir = self.pods_dir.join(&rec.id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PodError::Io {
+                id: rec.id.clone(),
+                what: format!("remove {}", dir.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates and starts a pod sandbox; returns its id. Blocking.
+    pub fn run(&self, spec: PodSpec) -> Result<String, PodError> {
+        for (field, v) in [
+            ("metadata.name", &spec.name),
+            ("metadata.uid", &spec.uid),
+            ("metadata.namespace", &spec.namespace),
+        ] {
+            if v.is_empty() {
+                return Err(PodError::Invalid(format!("{field} is empty")));
+            }
+        }
+        if spec.network == NsMode::Target || spec.network == NsMode::Container {
+            return Err(PodError::Invalid(format!(
+                "network namespace mode {:?} is not valid for a pod",
+                spec.network
+            )));
+        }
+        let _op = lock(&self.ops);
+        if let Some(other) = lock(&self.pods).values().find(|p| {
+            p.spec.name == spec.name
+                && p.spec.namespace == spec.namespace
+                && p.spec.uid == spec.uid
+                && p.spec.attempt == spec.attempt
+        }) {
+            return Err(PodError::AlreadyExists {
+                name: spec.name,
+                namespace: spec.namespace,
+                uid: spec.uid,
+                attempt: spec.attempt,
+                id: other.id.clone(),
+            });
+        }
+        let id = hex::encode(rand::random::<[u8; 32]>());
+        let dir = self.pods_dir.join(&id);
+        let mut rec = PodRecord {
+            id: id.clone(),
+            netns: (spec.network != NsMode::Node).then(|| self.netns_dir.join(&id)),
+            spec,
+            state: PodState::Creating,
+            created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+            infra: None,
+        };
+        let made = (|| {
+            std::fs::create_dir(&dir).map_err(|source| PodError::Io {
+                id: id.clone(),
+                what: format!("create {}", dir.display()),
+                source,
+            })?;
+            self.persist(&rec)?;
+            self.write_files(&rec)?;
+            let kernel = |source| PodError::Kernel {
+                id: id.clone(),
+                source,
+            };
+            if let Some(pin) = &rec.netns {
+                netns::create_pinned(pin).map_err(kernel)?;
+            }
+            let host_uts = rec.spec.network == NsMode::Node;
+            let ns = Namespaces {
+                join_net: rec.netns.as_deref(),
+                new_ipc: rec.spec.ipc != NsMode::Node,
+                new_uts: !host_uts,
+                new_pid: rec.spec.pid == NsMode::Pod,
+                hostname: (!host_uts).then(|| rec.hostname()),
+            };
+            let p = process::spawn_in_namespaces(&self.exe, &["pause", "--pod", &id], &ns)
+                .map_err(kernel)?;
+            rec.infra = Some(Infra {
+                pid: p.pid,
+                start_time: p.start_time,
+            });
+            rec.state = PodState::Ready;
+            self.persist(&rec)
+        })();
+        if let Err(e) = made {
+            if let Err(cleanup) = self.destroy(&rec) {
+                tracing::error!(pod = %id, error = %cleanup, "cleanup after a failed RunPodSandbox");
+            }
+            return Err(e);
+        }
+        tracing::info!(pod = %id, name = %rec.spec.name, namespace = %rec.spec.namespace, infra = ?rec.infra.map(|i| i.pid), "pod sandbox ready");
+        lock(&self.pods).insert(id.clone(), rec);
+        Ok(id)
+    }
+
+    fn write_files(&self, rec: &PodRecord) -> Result<(), PodError> {
+        let dir = self.pods_dir.join(&rec.id);
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        for (name, content) in [
+            ("hostname", files::hostname(rec.hostname())),
+            ("hosts", files::hosts(rec.hostname(), &[])),
+            (
+                "resolv.conf",
+                files::resolv_conf(rec.spec.dns.as_ref(), &host_resolv),
+            ),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, content).map_err(|source| PodError::Io {
+                id: rec.id.clone(),
+                what: format!("write {}", p.display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The full id for an id or unambiguous id prefix.
+    fn resolve(&self, id: &str) -> Result<String, PodError> {
+        let pods = lock(&self.pods);
+        if pods.contains_key(id) {
+            return Ok(id.to_string());
+        }
+        if id.is_empty() {
+            return Err(PodError::NotFound(id.to_string()));
+        }
+        let mut m = pods.keys().filter(|k| k.starts_with(id));
+        match (m.next(), m.next()) {
+            (Some(k), None) => Ok(k.clone()),
+            (Some(_), Some(_)) => Err(PodError::Ambiguous(id.to_string())),
+            _ => Err(PodError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<PodRecord, PodError> {
+        let id = self.resolve(id)?;
+        lock(&self.pods)
+            .get(&id)
+            .cloned()
+            .ok_or(PodError::NotFound(id))
+    }
+
+    pub fn list(&self, f: &PodFilter) -> Vec<PodRecord> {
+        let id = match f.id.as_deref() {
+            Some(i) if !i.is_empty() => match self.resolve(i) {
+                Ok(id) => Some(id),
+                Err(_) => return Vec::new(),
+            },
+            _ => None,
+        };
+        lock(&self.pods)
+            .values()
+            .filter(|p| id.as_ref().is_none_or(|i| &p.id == i))
+            .filter(|p| f.state.is_none_or(|s| p.state == s))
+            .filter(|p| {
+                f.labels
+                    .iter()
+                    .all(|(k, v)| p.spec.labels.get(k) == Some(v))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Stops the pod's processes; the netns stays until removal. Absent pods
+    /// are fine (kubelet retries stops).
+    pub fn stop(&self, id: &str) -> Result<(), PodError> {
+        let _op = lock(&self.ops);
+        let id = match self.resolve(id) {
+            Ok(id) => id,
+            Err(PodError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(mut rec) = lock(&self.pods).get(&id).cloned() else {
+            return Ok(());
+        };
+        if let Some(i) = rec.infra {
+            process::kill_and_wait(i.into(), INFRA_STOP_TIMEOUT).map_err(|source| {
+                PodError::Kernel {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        }
+        if rec.state != PodState::NotReady {
+            rec.state = PodState::NotReady;
+            self.persist(&rec)?;
+            tracing::info!(pod = %id, "pod sandbox stopped");
+        }
+        lock(&self.pods).insert(id, rec);
+        Ok(())
+    }
+
+    /// Stops (if needed) and removes the pod with all its objects.
+    pub fn remove(&self, id: &str) -> Result<(), PodError> {
+        let _op = lock(&self.ops);
+        let id = match self.resolve(id) {
+            Ok(id) => id,
+            Err(PodError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(rec) = lock(&self.pods).get(&id).cloned() else {
+            return Ok(());
+        };
+        self.destroy(&rec)?;
+        lock(&self.pods).remove(&id);
+        tracing::info!(pod = %id, "pod sandbox removed");
+        Ok(())
+    }
+
+    /// berth's own binary, as infra processes run it.
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+}
+
+/// Infra processes of pods that have no record (a crash between spawning the
+/// process and recording it): found by their `pause --pod <id>` command line.
+fn kill_orphan_infras(exe: &Path, pods: &BTreeMap<String, PodRecord>) {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let exe = exe.as_os_str().as_encoded_bytes();
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() < 4 || args[0] != exe || args[1] != b"pause" || args[2] != b"--pod" {
+            continue;
+        }
+        let id = String::from_utf8_lossy(args[3]).into_owned();
+        let known = pods
+            .get(&id)
+            .and_then(|p| p.infra)
+            .is_some_and(|i| i.pid == pid);
+        if !known {
+            if let Ok(start_time) = process::start_time(pid) {
+                tracing::warn!(pod = %id, pid, "killing an infra process no pod record owns");
+                let _ = process::kill_and_wait(ProcessId { pid, start_time }, INFRA_STOP_TIMEOUT);
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Pod sandbox RPCs: CRI <-> pod domain types.
+
+use super::Daemon;
+use crate::pod::{DnsConfig, NsMode, PodError, PodFilter, PodRecord, PodSpec, PodState};
+use cri_proto::v1 as cri;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tonic::Status;
+
+pub fn status_of(e: PodError) -> Status {
+    let msg = e.to_string();
+    match e {
+        PodError::NotFound(_) => Status::not_found(msg),
+        PodError::Ambiguous(_) | PodError::Invalid(_) => Status::invalid_argument(msg),
+        PodError::AlreadyExists { .. } => Status::already_exists(msg),
+        PodError::Kernel { .. } | PodError::State { .. } | PodError::Io { .. } => {
+            Status::internal(msg)
+        }
+    }
+}
+
+fn ns_mode(v: i32) -> Result<NsMode, Status> {
+    match cri::NamespaceMode::try_from(v) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NsMode::Container),
+        Ok(cri::NamespaceMode::Node) => Ok(NsMode::Node),
+        Ok(cri::NamespaceMode::Target) => Ok(NsMode::Target),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown namespace mode {v}"
+        ))),
+    }
+}
+
+fn cri_ns_mode(m: NsMode) -> i32 {
+    (match m {
+        NsMode::Pod => cri::NamespaceMode::Pod,
+        NsMode::Container => cri::NamespaceMode::Container,
+        NsMode::Node => cri::NamespaceMode::Node,
+        NsMode::Target => cri::NamespaceMode::Target,
+    }) as i32
+}
+
+fn cri_state(s: PodState) -> i32 {
+    (match s {
+        PodState::Ready => cri::PodSandboxState::SandboxReady,
+        PodState::Creating | PodState::NotReady => cri::PodSandboxState::SandboxNotready,
+    }) as i32
+}
+
+pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
+    let c = req
+        .config
+        .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is required"))?;
+    let md = c
+        .metadata
+        .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config.metadata is required"))?;
+    let linux = c.linux.unwrap_or_default();
+    let opts = linux
+        .security_context
+        .and_then(|s| s.namespace_options)
+        .unwrap_or_default();
+    Ok(PodSpec {
+        name: md.name,
+        uid: md.uid,
+        namespace: md.namespace,
+        attempt: md.attempt,
+        hostname: c.hostname,
+        log_directory: c.log_directory,
+        dns: c.dns_config.map(|d| DnsConfig {
+            servers: d.servers,
+            searches: d.searches,
+            options: d.options,
+        }),
+        labels: c.labels.into_iter().collect(),
+        annotations: c.annotations.into_iter().collect(),
+        network: ns_mode(opts.network)?,
+        pid: ns_mode(opts.pid)?,
+        ipc: ns_mode(opts.ipc)?,
+        runtime_handler: req.runtime_handler,
+        cgroup_parent: linux.cgroup_parent,
+    })
+}
+
+fn metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: p.spec.name.clone(),
+        uid: p.spec.uid.clone(),
+        namespace: p.spec.namespace.clone(),
+        attempt: p.spec.attempt,
+    }
+}
+
+fn map(m: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub fn to_sandbox(p: &PodRecord) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: p.id.clone(),
+        metadata: Some(metadata(p)),
+        state: cri_state(p.state),
+        created_at: p.created_at,
+        labels: map(&p.spec.labels),
+        annotations: map(&p.spec.annotations),
+        runtime_handler: p.spec.runtime_handler.clone(),
+    }
+}
+
+pub fn to_status(p: &PodRecord) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: p.id.clone(),
+        metadata: Some(metadata(p)),
+        state: cri_state(p.state),
+        created_at: p.created_at,
+        // Pod IPs come with the networking issue; host-network pods have none of their own.
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip: String::new(),
+            additional_ips: vec![],
+        }),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption {
+                    network: cri_ns_mode(p.spec.network),
+                    pid: cri_ns_mode(p.spec.pid),
+                    ipc: cri_ns_mode(p.spec.ipc),
+                    target_id: String::new(),
+                    userns_options: None,
+                }),
+            }),
+        }),
+        labels: map(&p.spec.labels),
+        annotations: map(&p.spec.annotations),
+        runtime_handler: p.spec.runtime_handler.clone(),
+    }
+}
+
+/// PodSandboxStatus's verbose info: what kubelet and crictl inspectp show.
+pub fn verbose_info(p: &PodRecord, exe: &str) -> HashMap<String, String> {
+    let netns = p
+        .netns
+        .as_ref()
+        .map(|n| n.display().to_string())
+        .unwrap_or_default();
+    let mut namespaces = vec![serde_json::json!({"type": "network", "path": netns})];
+    if p.spec.ipc != NsMode::Node {
+        namespaces.push(serde_json::json!({"type": "ipc"}));
+    }
+    if p.spec.network != NsMode::Node {
+        namespaces.push(serde_json::json!({"type": "uts"}));
+    }
+    if p.spec.pid == NsMode::Pod {
+        namespaces.push(serde_json::json!({"type": "pid"}));
+    }
+    let info = serde_json::json!({
+        "pid": p.infra.map(|i| i.pid).unwrap_or(0),
+        "netnsPath": netns,
+        "cgroupPath": p.spec.cgroup_parent,
+        "runtimeHandler": p.spec.runtime_handler,
+        "runtimeSpec": {
+            "ociVersion": "1.2.0",
+            "process": {"args": [exe, "pause", "--pod", p.id]},
+            "hostname": p.hostname(),
+            "linux": {"namespaces": namespaces, "cgroupsPath": p.spec.cgroup_parent},
+        },
+    });
+    HashMap::from([("info".to_string(), info.to_string())])
+}
+
+pub fn filter_from(f: Option<cri::PodSandboxFilter>) -> PodFilter {
+    let Some(f) = f else {
+        return PodFilter::default();
+    };
+    PodFilter {
+        id: (!f.id.is_empty()).then_some(f.id),
+        state: f.state.map(|s| {
+            if s.state == cri::PodSandboxState::SandboxReady as i32 {
+                PodState::Ready
+            } else {
+                PodState::NotReady
+            }
+        }),
+        labels: f.label_selector.into_iter().collect(),
+    }
+}
+
+/// Runs a blocking pod operation off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&Daemon) -> Result<T, PodError> + Send + 'static,
+) -> Result<T, Status> {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || f(&d))
+        .await
+        .map_err(|e| Status::internal(format!("pod operation task: {e}")))?
+        .map_err(status_of)
+}
