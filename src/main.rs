@@ -2,8 +2,10 @@
 
 mod check;
 mod config;
+mod container;
 mod image;
 mod linux;
+mod monitor;
 mod pod;
 mod server;
 mod store;
@@ -55,6 +57,13 @@ enum Cmd {
         #[arg(long)]
         pod: String,
     },
+    /// A container's monitor (started by berth itself).
+    #[command(hide = true)]
+    Monitor {
+        /// The monitor.json written by the daemon.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -95,6 +104,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Pause { pod: _ } => pod::pause::run(),
+        Cmd::Monitor { config } => monitor::run(&config),
         Cmd::Check => {
             if check::print_report(&check::run_checks()) {
                 ExitCode::SUCCESS

@@ -169,7 +169,13 @@ pub fn is_alive(p: ProcessId) -> bool {
     state != "Z" && state != "X" && start_time(p.pid).ok() == Some(p.start_time)
 }
 
-/// Opens a pidfd for `p` if it is still the same live process.
+/// Sends `sig` to `p` if it is still that process.
+pub fn signal(p: ProcessId, sig: Signal) {
+    if let Some(fd) = pidfd(p) {
+        let _ = rustix::process::pidfd_send_signal(&fd, sig);
+    }
+}
+
 fn pidfd(p: ProcessId) -> Option<OwnedFd> {
     let pid = Pid::from_raw(p.pid)?;
     let fd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()?;
@@ -220,4 +226,24 @@ pub fn kill_and_wait(p: ProcessId, timeout: std::time::Duration) -> Result<(), L
 pub fn reap(pid: i32) {
     use nix::sys::wait::{waitpid, WaitPidFlag};
     let _ = waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+/// Resolves when `p` has exited (at once if it already has). Does not reap.
+pub async fn exited(p: ProcessId) {
+    let Some(fd) = pidfd(p) else {
+        return;
+    };
+    // SAFETY: the AsyncFd owns the pidfd (an OwnedFd moved into it), so the
+    // fd stays open and is not reused for as long as it is registered.
+    match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => {
+            // Without a reactor registration, fall back to polling.
+            while is_alive(p) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

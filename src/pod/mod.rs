@@ -466,6 +466,10 @@ impl PodManager {
         Ok(())
     }
 
+    pub fn pods_dir(&self) -> &Path {
+        &self.pods_dir
+    }
+
     /// berth's own binary, as infra processes run it.
     pub fn exe(&self) -> &Path {
         &self.exe

@@ -177,6 +177,14 @@ impl ImageService for ImageApi {
         let req = req.into_inner();
         let image = spec_image(req.image.as_ref(), "RemoveImage")?;
         rpc("RemoveImage", &image, async {
+            if let Some(img) = self.0.images.find(&image) {
+                if let Some(c) = self.0.containers.image_in_use(&img.id) {
+                    return Err(Status::failed_precondition(format!(
+                        "image {image} ({}) is used by container {c}",
+                        img.id
+                    )));
+                }
+            }
             if let Some(img) = self.0.images.remove(&image).map_err(status_of)? {
                 tracing::info!(image = %image, id = %img.id, "image removed");
             }

@@ -1,11 +1,13 @@
 //! The gRPC layer: CRI messages in, domain calls, CRI messages and status
 //! codes out. No syscalls here beyond the listening socket itself.
 
+mod container;
 mod image;
 mod pod;
 mod runtime;
 
 use crate::config::Config;
+use crate::container::ContainerManager;
 use crate::image::ImageManager;
 use crate::pod::PodManager;
 use cri_proto::v1::image_service_server::ImageServiceServer;
@@ -38,6 +40,8 @@ pub enum ServeError {
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
     Pod(#[from] crate::pod::PodError),
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -55,6 +59,7 @@ pub struct Daemon {
     pub config: Config,
     pub images: ImageManager,
     pub pods: PodManager,
+    pub containers: Arc<ContainerManager>,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -100,10 +105,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let images = ImageManager::open(&config)?;
     let pods = PodManager::open(&config.root, &config.state_dir)?;
+    let containers = ContainerManager::open(&config.root, images.image_fs_dir())?;
     let daemon = Arc::new(Daemon {
         config,
         images,
         pods,
+        containers,
     });
     let socket = daemon.config.socket.clone();
 

@@ -1,6 +1,6 @@
 //! RuntimeService: runtime info now; pods and containers land with their issues.
 
-use super::{pod, rpc, Daemon};
+use super::{container, pod, rpc, Daemon};
 use cri_proto::v1 as cri;
 use cri_proto::v1::runtime_service_server::RuntimeService;
 use std::collections::HashMap;
@@ -155,6 +155,9 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
         rpc("StopPodSandbox", &id.clone(), async {
+            if let Ok(p) = self.0.pods.get(&id) {
+                self.0.stop_pod_containers(&p.id).await?;
+            }
             pod::blocking(&self.0, move |d| d.pods.stop(&id)).await?;
             Ok(cri::StopPodSandboxResponse {})
         })
@@ -167,6 +170,9 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
         rpc("RemovePodSandbox", &id.clone(), async {
+            if let Ok(p) = self.0.pods.get(&id) {
+                self.0.remove_pod_containers(&p.id).await?;
+            }
             pod::blocking(&self.0, move |d| d.pods.remove(&id)).await?;
             Ok(cri::RemovePodSandboxResponse {})
         })
@@ -218,15 +224,164 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let req = req.into_inner();
+        let name = req
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        rpc("CreateContainer", &name, async {
+            let config = req
+                .config
+                .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
+            let spec = container::spec_from(config)?;
+            let pod = self
+                .0
+                .pods
+                .get(&req.pod_sandbox_id)
+                .map_err(pod::status_of)?;
+            let image = self.0.images.find(&spec.image).ok_or_else(|| {
+                Status::not_found(format!(
+                    "CreateContainer {name}: image {:?} is not present (pull it first)",
+                    spec.image
+                ))
+            })?;
+            let config = self
+                .0
+                .images
+                .config_json(&image)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let info = container::pod_info(&pod, self.0.pods.pods_dir());
+            let d = self.0.clone();
+            let id = tokio::task::spawn_blocking(move || {
+                d.containers.create(&info, spec, &image, &config)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("create task: {e}")))?
+            .map_err(container::status_of)?;
+            Ok(cri::CreateContainerResponse { container_id: id })
+        })
+        .await
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let id = req.into_inner().container_id;
+        rpc("StartContainer", &id.clone(), async {
+            let d = self.0.clone();
+            tokio::task::spawn_blocking(move || d.containers.start(&id))
+                .await
+                .map_err(|e| Status::internal(format!("start task: {e}")))?
+                .map_err(container::status_of)?;
+            Ok(cri::StartContainerResponse {})
+        })
+        .await
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let req = req.into_inner();
+        rpc("StopContainer", &req.container_id, async {
+            let timeout = std::time::Duration::from_secs(req.timeout.max(0) as u64);
+            self.0
+                .containers
+                .stop(&req.container_id, timeout)
+                .await
+                .map_err(container::status_of)?;
+            Ok(cri::StopContainerResponse {})
+        })
+        .await
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let id = req.into_inner().container_id;
+        rpc("RemoveContainer", &id, async {
+            self.0
+                .containers
+                .remove(&id)
+                .await
+                .map_err(container::status_of)?;
+            Ok(cri::RemoveContainerResponse {})
+        })
+        .await
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let filter = container::filter_from(req.into_inner().filter);
+        rpc("ListContainers", "", async {
+            Ok(cri::ListContainersResponse {
+                containers: self
+                    .0
+                    .containers
+                    .list(&filter)
+                    .iter()
+                    .map(container::to_container)
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let req = req.into_inner();
+        rpc("ContainerStatus", &req.container_id, async {
+            let c = self
+                .0
+                .containers
+                .get(&req.container_id)
+                .map_err(container::status_of)?;
+            let info = if req.verbose {
+                let spec =
+                    std::fs::read_to_string(self.0.containers.dir_of(&c.id).join("config.json"))
+                        .ok();
+                container::verbose_info(&c, spec)
+            } else {
+                HashMap::new()
+            };
+            Ok(cri::ContainerStatusResponse {
+                status: Some(container::to_status(&c)),
+                info,
+            })
+        })
+        .await
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let id = req.into_inner().container_id;
+        rpc("ReopenContainerLog", &id, async {
+            self.0
+                .containers
+                .reopen_log(&id)
+                .await
+                .map_err(container::status_of)?;
+            Ok(cri::ReopenContainerLogResponse {})
+        })
+        .await
+    }
+
     not_yet! {
-        create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse = "CreateContainer";
-        start_container(cri::StartContainerRequest) -> cri::StartContainerResponse = "StartContainer";
-        stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse = "StopContainer";
-        remove_container(cri::RemoveContainerRequest) -> cri::RemoveContainerResponse = "RemoveContainer";
-        list_containers(cri::ListContainersRequest) -> cri::ListContainersResponse = "ListContainers";
-        container_status(cri::ContainerStatusRequest) -> cri::ContainerStatusResponse = "ContainerStatus";
         update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse = "UpdateContainerResources";
-        reopen_container_log(cri::ReopenContainerLogRequest) -> cri::ReopenContainerLogResponse = "ReopenContainerLog";
         exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse = "ExecSync";
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";

@@ -1,0 +1,911 @@
+//! Containers: CRI config + image -> OCI spec, one monitor process each,
+//! crash-safe records under `<root>/containers/<id>/`, exit tracking through
+//! the monitor's pidfd, stop/remove/exec.
+
+pub mod spec;
+
+use crate::image::store::{hex_of, ImageRecord};
+use crate::linux::process::{self, ProcessId};
+use crate::monitor::{Created, ExitRecord, MonitorConfig};
+use crate::store::{read_json, write_json, StoreError};
+use serde::{Deserialize, Serialize};
+use spec::{ImageDefaults, PodContext};
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container {0:?} not found")]
+    NotFound(String),
+    #[error("container id prefix {0:?} is ambiguous")]
+    Ambiguous(String),
+    #[error("invalid container config: {0}")]
+    Invalid(String),
+    #[error("container {name} (attempt {attempt}) already exists in pod {pod} as {id}")]
+    AlreadyExists {
+        name: String,
+        attempt: u32,
+        pod: String,
+        id: String,
+    },
+    #[error("container {id}: {reason}")]
+    FailedPrecondition { id: String, reason: String },
+    #[error("container {id}: cannot run: {reason}")]
+    CannotRun { id: String, reason: String },
+    #[error("container {id}: {what}: {detail}")]
+    Internal {
+        id: String,
+        what: &'static str,
+        detail: String,
+    },
+    #[error("container {id}: {source}")]
+    State { id: String, source: StoreError },
+}
+
+fn internal<'a>(id: &'a str, what: &'static str) -> impl FnOnce(String) -> ContainerError + 'a {
+    move |detail| ContainerError::Internal {
+        id: id.to_string(),
+        what,
+        detail,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Propagation {
+    #[default]
+    Private,
+    HostToContainer,
+    Bidirectional,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub container_path: String,
+    pub host_path: String,
+    pub readonly: bool,
+    pub propagation: Propagation,
+}
+
+/// What a container was asked to be (from the CRI ContainerConfig).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub attempt: u32,
+    /// The image as the request named it.
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub working_dir: String,
+    pub envs: Vec<(String, String)>,
+    pub mounts: Vec<MountSpec>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Relative to the pod's log directory.
+    pub log_path: String,
+    pub tty: bool,
+    pub stdin: bool,
+    pub stdin_once: bool,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub run_as_username: String,
+    pub host_pid: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    Creating,
+    Created,
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proc {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl From<Proc> for ProcessId {
+    fn from(p: Proc) -> ProcessId {
+        ProcessId {
+            pid: p.pid,
+            start_time: p.start_time,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub pod_id: String,
+    pub spec: ContainerSpec,
+    pub image_id: String,
+    pub image_ref: String,
+    pub state: ContainerState,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    pub monitor: Option<Proc>,
+    pub init: Option<Proc>,
+    pub log_path: Option<PathBuf>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub stop_signal: String,
+    pub start_error: Option<String>,
+}
+
+/// ListContainers' filter.
+#[derive(Debug, Default, Clone)]
+pub struct ContainerFilter {
+    pub id: Option<String>,
+    pub pod_id: Option<String>,
+    pub state: Option<ContainerState>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The pod a container is created in, as the container manager needs it.
+pub struct PodInfo {
+    pub id: String,
+    pub ready: bool,
+    pub netns: Option<PathBuf>,
+    pub infra_pid: i32,
+    pub share_pid: bool,
+    pub host_ipc: bool,
+    pub host_uts: bool,
+    pub hostname: String,
+    pub files_dir: PathBuf,
+    pub log_directory: String,
+}
+
+pub struct ContainerManager {
+    dir: PathBuf,
+    layers_dir: PathBuf,
+    exe: PathBuf,
+    records: Mutex<BTreeMap<String, ContainerRecord>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+}
+
+impl ContainerManager {
+    /// Loads records and reconciles them; must run inside the tokio runtime
+    /// (it starts exit watchers for running containers).
+    pub fn open(root: &Path, layers_dir: &Path) -> Result<Arc<ContainerManager>, ContainerError> {
+        let dir = root.join("containers");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| internal("", "create containers dir")(e.to_string()))?;
+        let exe = std::env::current_exe()
+            .map_err(|e| internal("", "find berth's binary")(e.to_string()))?;
+        let m = Arc::new(ContainerManager {
+            dir,
+            layers_dir: layers_dir.to_path_buf(),
+            exe,
+            records: Mutex::new(BTreeMap::new()),
+        });
+        m.reconcile();
+        Ok(m)
+    }
+
+    fn cdir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
+        write_json(&self.cdir(&rec.id).join("state.json"), rec).map_err(|source| {
+            ContainerError::State {
+                id: rec.id.clone(),
+                source,
+            }
+        })
+    }
+
+    fn reconcile(self: &Arc<Self>) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let rec: ContainerRecord = match read_json(&e.path().join("state.json")) {
+                Ok(Some(r)) => r,
+                // Not even the intent was written: nothing else can exist.
+                Ok(None) => {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    continue;
+                }
+                Err(err) => {
+                    tracing::error!(container = %id, error = %err, "unreadable container record kept as is");
+                    continue;
+                }
+            };
+            match rec.state {
+                ContainerState::Creating => {
+                    tracing::warn!(container = %id, "removing a container whose creation was interrupted");
+                    self.destroy(&rec);
+                }
+                ContainerState::Created | ContainerState::Running => {
+                    let mon = rec.monitor;
+                    lock(&self.records).insert(id.clone(), rec);
+                    match mon {
+                        Some(m) if process::is_alive(m.into()) => self.watch(id, m),
+                        _ => self.monitor_exited(&id),
+                    }
+                }
+                ContainerState::Exited => {
+                    lock(&self.records).insert(id, rec);
+                }
+            }
+        }
+    }
+
+    /// Kills what a record names and deletes its directory.
+    fn destroy(&self, rec: &ContainerRecord) {
+        for p in [rec.init, rec.monitor].into_iter().flatten() {
+            let _ = process::kill_and_wait(p.into(), Duration::from_secs(10));
+        }
+        if let Err(e) = std::fs::remove_dir_all(self.cdir(&rec.id)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(container = %rec.id, error = %e, "cannot remove container directory");
+            }
+        }
+    }
+
+    /// Waits (in a task) for the monitor to exit, then records the exit.
+    fn watch(self: &Arc<Self>, id: String, monitor: Proc) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            process::exited(monitor.into()).await;
+            process::reap(monitor.pid);
+            this.monitor_exited(&id);
+        });
+    }
+
+    fn monitor_exited(&self, id: &str) {
+        let exit: Option<ExitRecord> = read_json(&self.cdir(id).join("exit.json")).ok().flatten();
+        let mut recs = lock(&self.records);
+        let Some(rec) = recs.get_mut(id) else {
+            return;
+        };
+        if rec.state == ContainerState::Exited {
+            return;
+        }
+        match exit {
+            Some(x) => {
+                rec.exit_code = x.exit_code;
+                rec.finished_at = x.finished_at;
+                rec.reason = if x.exit_code == 0 {
+                    "Completed"
+                } else {
+                    "Error"
+                }
+                .into();
+            }
+            None => {
+                rec.exit_code = 255;
+                rec.finished_at = now_ns();
+                rec.reason = "Error".into();
+                rec.message =
+                    "the container's monitor exited without recording an exit status".into();
+            }
+        }
+        if rec.state == ContainerState::Created
+            && rec.started_at == 0
+            && rec.reason != "Completed"
+            && rec.message.is_empty()
+        {
+            rec.message = "the container exited before it was started".into();
+        }
+        rec.state = ContainerState::Exited;
+        let rec = rec.clone();
+        drop(recs);
+        if let Err(e) = self.persist(&rec) {
+            tracing::error!(container = %id, error = %e, "cannot record container exit");
+        }
+        tracing::info!(container = %id, exit_code = rec.exit_code, "container exited");
+    }
+
+    fn resolve(&self, id: &str) -> Result<String, ContainerError> {
+        let recs = lock(&self.records);
+        if recs.contains_key(id) {
+            return Ok(id.to_string());
+        }
+        if id.is_empty() {
+            return Err(ContainerError::NotFound(id.to_string()));
+        }
+        let mut m = recs.keys().filter(|k| k.starts_with(id));
+        match (m.next(), m.next()) {
+            (Some(k), None) => Ok(k.clone()),
+            (Some(_), Some(_)) => Err(ContainerError::Ambiguous(id.to_string())),
+            _ => Err(ContainerError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
+        let id = self.resolve(id)?;
+        lock(&self.records)
+            .get(&id)
+            .cloned()
+            .ok_or(ContainerError::NotFound(id))
+    }
+
+    pub fn list(&self, f: &ContainerFilter) -> Vec<ContainerRecord> {
+        let id = match f.id.as_deref() {
+            Some(i) if !i.is_empty() => match self.resolve(i) {
+                Ok(id) => Some(id),
+                Err(_) => return Vec::new(),
+            },
+            _ => None,
+        };
+        lock(&self.records)
+            .values()
+            .filter(|c| id.as_ref().is_none_or(|i| &c.id == i))
+            .filter(|c| {
+                f.pod_id
+                    .as_ref()
+                    .is_none_or(|p| c.pod_id.starts_with(p.as_str()))
+            })
+            .filter(|c| f.state.is_none_or(|s| c.state == s))
+            .filter(|c| {
+                f.labels
+                    .iter()
+                    .all(|(k, v)| c.spec.labels.get(k) == Some(v))
+            })
+            .cloned()
+            .collect()
+    }
+
+    pub fn image_in_use(&self, image_id: &str) -> Option<String> {
+        lock(&self.records)
+            .values()
+            .find(|c| c.image_id == image_id)
+            .map(|c| c.id.clone())
+    }
+
+    pub fn in_pod(&self, pod_id: &str) -> Vec<String> {
+        lock(&self.records)
+            .values()
+            .filter(|c| c.pod_id == pod_id)
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
+    /// Creates a container (its init waits for StartContainer). Blocking.
+    pub fn create(
+        self: &Arc<Self>,
+        pod: &PodInfo,
+        spec: ContainerSpec,
+        image: &ImageRecord,
+        image_config: &serde_json::Value,
+    ) -> Result<String, ContainerError> {
+        if spec.name.is_empty() {
+            return Err(ContainerError::Invalid("metadata.name is empty".into()));
+        }
+        if !pod.ready {
+            return Err(ContainerError::FailedPrecondition {
+                id: spec.name.clone(),
+                reason: format!("pod sandbox {} is not ready", pod.id),
+            });
+        }
+        let log_path = log_path(pod, &spec)?;
+        for m in &spec.mounts {
+            if !Path::new(&m.container_path).is_absolute() {
+                return Err(ContainerError::Invalid(format!(
+                    "mount target {:?} is not an absolute path",
+                    m.container_path
+                )));
+            }
+            if std::fs::metadata(&m.host_path).is_err() {
+                return Err(ContainerError::Invalid(format!(
+                    "mount source {:?} (for {}) does not exist",
+                    m.host_path, m.container_path
+                )));
+            }
+        }
+        if image.layers.is_empty() {
+            return Err(ContainerError::Invalid(format!(
+                "image {} has no layers",
+                image.id
+            )));
+        }
+        let img = ImageDefaults::from_config(image_config);
+        let id = hex::encode(rand::random::<[u8; 32]>());
+        {
+            let recs = lock(&self.records);
+            if let Some(other) = recs.values().find(|c| {
+                c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt
+            }) {
+                return Err(ContainerError::AlreadyExists {
+                    name: spec.name,
+                    attempt: spec.attempt,
+                    pod: pod.id.clone(),
+                    id: other.id.clone(),
+                });
+            }
+        }
+        let lowers: Vec<String> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|l| hex_of(&l.chain_id).to_string())
+            .collect();
+        let (uid, gid) =
+            resolve_user(&spec, &img, &self.layers_dir, &lowers).map_err(|reason| {
+                ContainerError::Invalid(format!("container {}: {reason}", spec.name))
+            })?;
+        let dir = self.cdir(&id);
+        let mut rec = ContainerRecord {
+            id: id.clone(),
+            pod_id: pod.id.clone(),
+            image_id: image.id.clone(),
+            image_ref: image
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.id.clone()),
+            state: ContainerState::Creating,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            monitor: None,
+            init: None,
+            log_path,
+            uid,
+            gid,
+            groups: vec![],
+            env: spec::process_env(&spec, &img),
+            cwd: String::new(),
+            stop_signal: img.stop_signal.clone(),
+            start_error: None,
+            spec,
+        };
+        let made = self.make(&mut rec, pod, &img, &lowers);
+        if let Err(e) = made {
+            self.destroy(&rec);
+            return Err(e);
+        }
+        lock(&self.records).insert(id.clone(), rec.clone());
+        if let Some(m) = rec.monitor {
+            self.watch(id.clone(), m);
+        }
+        let _ = dir;
+        tracing::info!(container = %id, pod = %pod.id, name = %rec.spec.name, "container created");
+        Ok(id)
+    }
+
+    fn make(
+        &self,
+        rec: &mut ContainerRecord,
+        pod: &PodInfo,
+        img: &ImageDefaults,
+        lowers: &[String],
+    ) -> Result<(), ContainerError> {
+        let id = rec.id.clone();
+        let dir = self.cdir(&id);
+        let io = |what: &'static str| internal(&id, what);
+        std::fs::create_dir(&dir).map_err(|e| io("create directory")(e.to_string()))?;
+        self.persist(rec)?;
+        for d in ["upper", "work", "rootfs"] {
+            std::fs::create_dir(dir.join(d)).map_err(|e| io("create directory")(e.to_string()))?;
+        }
+        let fifo = dir.join("exec.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .map_err(|e| io("create exec fifo")(e.to_string()))?;
+        if let Some(l) = &rec.log_path {
+            if let Some(parent) = l.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io("create log directory")(e.to_string()))?;
+            }
+        }
+        let ctx = PodContext {
+            netns: pod.netns.as_deref(),
+            infra_pid: pod.infra_pid,
+            share_pid: pod.share_pid,
+            host_ipc: pod.host_ipc,
+            host_uts: pod.host_uts,
+            hostname: &pod.hostname,
+            files_dir: &pod.files_dir,
+        };
+        let oci = spec::build(
+            &rec.spec,
+            img,
+            &ctx,
+            &dir.join("rootfs"),
+            rec.uid,
+            rec.gid,
+            &rec.groups,
+        )
+        .map_err(|reason| {
+            ContainerError::Invalid(format!("container {}: {reason}", rec.spec.name))
+        })?;
+        rec.cwd = oci
+            .process()
+            .as_ref()
+            .map(|p| p.cwd().display().to_string())
+            .unwrap_or_else(|| "/".into());
+        oci.save(dir.join("config.json"))
+            .map_err(|e| io("write config.json")(e.to_string()))?;
+        let mcfg = MonitorConfig {
+            id: id.clone(),
+            spec: dir.join("config.json"),
+            layers_dir: self.layers_dir.clone(),
+            lowers: lowers.to_vec(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            fifo,
+            log_path: rec.log_path.clone(),
+            exit_file: dir.join("exit.json"),
+        };
+        write_json(&dir.join("monitor.json"), &mcfg)
+            .map_err(|e| io("write monitor.json")(e.to_string()))?;
+        let log = std::fs::File::create(dir.join("monitor.log"))
+            .map_err(|e| io("create monitor.log")(e.to_string()))?;
+        let mut child = std::process::Command::new(&self.exe)
+            .arg("monitor")
+            .arg("--config")
+            .arg(dir.join("monitor.json"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| io("start monitor")(e.to_string()))?;
+        let mon_pid = child.id() as i32;
+        rec.monitor = Some(Proc {
+            pid: mon_pid,
+            start_time: process::start_time(mon_pid).unwrap_or(0),
+        });
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        // The monitor lives on; its exit is reaped by the watcher.
+        drop(child);
+        let created: Created = serde_json::from_str(line.trim()).map_err(|_| {
+            let log = std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default();
+            io("start monitor")(format!("no answer from the monitor: {}", log.trim()))
+        })?;
+        if let Some(e) = created.error {
+            return Err(ContainerError::Internal {
+                id: id.clone(),
+                what: "set up the container",
+                detail: e,
+            });
+        }
+        rec.init = Some(Proc {
+            pid: created.pid,
+            start_time: created.start_time,
+        });
+        rec.start_error = created.start_error;
+        rec.state = ContainerState::Created;
+        self.persist(rec)
+    }
+
+    /// Lets the created container's process exec. Blocking.
+    pub fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let rec = self.get(id)?;
+        let id = rec.id.clone();
+        if rec.state != ContainerState::Created {
+            return Err(ContainerError::FailedPrecondition {
+                id,
+                reason: format!("cannot start a container in state {:?}", rec.state),
+            });
+        }
+        if let Some(reason) = rec.start_error.clone() {
+            if let Some(i) = rec.init {
+                let _ = process::kill_and_wait(i.into(), Duration::from_secs(5));
+            }
+            self.update(&id, |r| {
+                r.state = ContainerState::Exited;
+                r.exit_code = 128;
+                r.finished_at = now_ns();
+                r.reason = "ContainerCannotRun".into();
+                r.message = reason.clone();
+            })?;
+            return Err(ContainerError::CannotRun { id, reason });
+        }
+        let fifo = self.cdir(&id).join("exec.fifo");
+        open_fifo_and_wait(&fifo, Duration::from_secs(10)).map_err(|e| {
+            ContainerError::CannotRun {
+                id: id.clone(),
+                reason: format!("the container process did not start: {e}"),
+            }
+        })?;
+        let _ = std::fs::remove_file(&fifo);
+        self.update(&id, |r| {
+            if r.state == ContainerState::Created {
+                r.state = ContainerState::Running;
+            }
+            r.started_at = now_ns();
+        })?;
+        tracing::info!(container = %id, "container started");
+        Ok(())
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut ContainerRecord)) -> Result<(), ContainerError> {
+        let rec = {
+            let mut recs = lock(&self.records);
+            let r = recs
+                .get_mut(id)
+                .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+            f(r);
+            r.clone()
+        };
+        self.persist(&rec)
+    }
+
+    /// Signals the container (stop signal, then SIGKILL after `timeout`) and
+    /// waits for its exit. Absent or exited containers are fine.
+    pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), ContainerError> {
+        let rec = match self.get(id) {
+            Ok(r) => r,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if rec.state == ContainerState::Exited || rec.state == ContainerState::Creating {
+            return Ok(());
+        }
+        let Some(init) = rec.init else {
+            return Ok(());
+        };
+        if !timeout.is_zero() && rec.state == ContainerState::Running {
+            let sig = parse_signal(&rec.stop_signal).unwrap_or(rustix::process::Signal::TERM);
+            process::signal(init.into(), sig);
+            if self.wait_exited(&rec.id, timeout).await {
+                return Ok(());
+            }
+        }
+        process::signal(init.into(), rustix::process::Signal::KILL);
+        if !self.wait_exited(&rec.id, Duration::from_secs(10)).await {
+            return Err(ContainerError::Internal {
+                id: rec.id,
+                what: "stop",
+                detail: "the container did not exit after SIGKILL".into(),
+            });
+        }
+        tracing::info!(container = %rec.id, "container stopped");
+        Ok(())
+    }
+
+    async fn wait_exited(&self, id: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match lock(&self.records).get(id) {
+                Some(r) if r.state != ContainerState::Exited => {}
+                _ => return true,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Kills (if needed) and removes the container. Idempotent.
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let rec = match self.get(id) {
+            Ok(r) => r,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.stop(&rec.id, Duration::ZERO).await?;
+        let rec = self.get(&rec.id)?;
+        let dir = self.cdir(&rec.id);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await
+            .map_err(|e| internal(&rec.id, "remove directory")(e.to_string()))?
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(internal(&rec.id, "remove directory")(e.to_string()))
+                }
+            })?;
+        lock(&self.records).remove(&rec.id);
+        tracing::info!(container = %rec.id, "container removed");
+        Ok(())
+    }
+
+    /// Makes the monitor reopen the log path (kubelet rotated the file).
+    /// Only running containers have a log being written.
+    pub async fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
+        let rec = self.get(id)?;
+        if rec.state != ContainerState::Running {
+            return Err(ContainerError::FailedPrecondition {
+                id: rec.id,
+                reason: "only a running container's log can be reopened".into(),
+            });
+        }
+        let (Some(monitor), Some(path)) = (rec.monitor, rec.log_path.clone()) else {
+            return Err(ContainerError::FailedPrecondition {
+                id: rec.id,
+                reason: "the container has no log path".into(),
+            });
+        };
+        process::signal(monitor.into(), rustix::process::Signal::USR1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !path.exists() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ContainerError::Internal {
+                    id: rec.id,
+                    what: "reopen log",
+                    detail: format!("{} was not recreated", path.display()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    pub fn dir_of(&self, id: &str) -> PathBuf {
+        self.cdir(id)
+    }
+}
+
+fn log_path(pod: &PodInfo, spec: &ContainerSpec) -> Result<Option<PathBuf>, ContainerError> {
+    if pod.log_directory.is_empty() || spec.log_path.is_empty() {
+        return Ok(None);
+    }
+    let rel = Path::new(&spec.log_path);
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(ContainerError::Invalid(format!(
+            "log_path {:?} must be a relative path inside the pod's log directory",
+            spec.log_path
+        )));
+    }
+    Ok(Some(Path::new(&pod.log_directory).join(rel)))
+}
+
+/// uid and gid for the container process: CRI run_as_* first, else the
+/// image's USER, resolved through the image's /etc/passwd.
+fn resolve_user(
+    spec: &ContainerSpec,
+    img: &ImageDefaults,
+    layers_dir: &Path,
+    lowers: &[String],
+) -> Result<(u32, u32), String> {
+    let passwd = read_image_file(layers_dir, lowers, "etc/passwd").unwrap_or_default();
+    let lookup = |name: &str| -> Option<(u32, u32)> {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == name)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                .flatten()
+        })
+    };
+    let by_uid = |uid: u32| -> u32 {
+        passwd
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() >= 4 && f[2] == uid.to_string())
+                    .then(|| f[3].parse().ok())
+                    .flatten()
+            })
+            .unwrap_or(0)
+    };
+    let (mut uid, mut gid) = if let Some(u) = spec.run_as_user {
+        let u = u32::try_from(u).map_err(|_| format!("run_as_user {u} is out of range"))?;
+        (u, by_uid(u))
+    } else if !spec.run_as_username.is_empty() {
+        lookup(&spec.run_as_username).ok_or_else(|| {
+            format!(
+                "user {:?} not found in the image's /etc/passwd",
+                spec.run_as_username
+            )
+        })?
+    } else if !img.user.is_empty() {
+        let (user, group) = match img.user.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (img.user.as_str(), None),
+        };
+        let (u, g) = match user.parse::<u32>() {
+            Ok(u) => (u, by_uid(u)),
+            Err(_) => lookup(user).ok_or_else(|| {
+                format!("image user {user:?} not found in the image's /etc/passwd")
+            })?,
+        };
+        let g = match group {
+            Some(g) => g
+                .parse::<u32>()
+                .map_err(|_| format!("image group {g:?} is not numeric"))?,
+            None => g,
+        };
+        (u, g)
+    } else {
+        (0, 0)
+    };
+    if let Some(g) = spec.run_as_group {
+        if spec.run_as_user.is_none() && spec.run_as_username.is_empty() {
+            return Err("run_as_group needs run_as_user or run_as_username".into());
+        }
+        gid = u32::try_from(g).map_err(|_| format!("run_as_group {g} is out of range"))?;
+    }
+    if uid == u32::MAX {
+        uid = 0;
+    }
+    Ok((uid, gid))
+}
+
+/// A file of the image as the container sees it: the top-most layer that has
+/// it (whiteouts end the search). Symlinks are not followed.
+fn read_image_file(layers_dir: &Path, lowers: &[String], rel: &str) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    for l in lowers {
+        let p = layers_dir.join(l).join(rel);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_file() => return std::fs::read_to_string(p).ok(),
+            Ok(m) if m.file_type().is_char_device() => return None,
+            Ok(_) => return None,
+            Err(_) => continue,
+        }
+    }
+    None
+}
+
+/// Opens the exec fifo for reading, which lets the init's blocked open for
+/// writing complete, and waits for its byte.
+fn open_fifo_and_wait(fifo: &Path, timeout: Duration) -> Result<(), String> {
+    use nix::fcntl::{open, OFlag};
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let fd = open(
+        fifo,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("open {}: {e}", fifo.display()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 1];
+    loop {
+        match nix::unistd::read(&fd, &mut buf) {
+            Ok(1) => return Ok(()),
+            Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err("timed out waiting for the container init".into());
+        }
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let ms = left.as_millis().min(100) as u16;
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+}
+
+fn parse_signal(s: &str) -> Option<rustix::process::Signal> {
+    use rustix::process::Signal;
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    Some(match name {
+        "" => return None,
+        "TERM" | "15" => Signal::TERM,
+        "KILL" | "9" => Signal::KILL,
+        "INT" | "2" => Signal::INT,
+        "QUIT" | "3" => Signal::QUIT,
+        "HUP" | "1" => Signal::HUP,
+        "USR1" | "10" => Signal::USR1,
+        "USR2" | "12" => Signal::USR2,
+        "WINCH" | "28" => Signal::WINCH,
+        "STOP" | "19" => Signal::STOP,
+        _ => return None,
+    })
+}

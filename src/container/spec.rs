@@ -1,0 +1,247 @@
+//! CRI container config + image config -> the OCI runtime spec that the
+//! monitor's init executes (config.json in the container's directory: the
+//! contract between `container/` and `linux/`).
+
+use super::ContainerSpec;
+use oci_spec::runtime::Spec;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// What the image's config says about running it.
+#[derive(Debug, Default, Clone)]
+pub struct ImageDefaults {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+    pub stop_signal: String,
+}
+
+impl ImageDefaults {
+    pub fn from_config(config: &Value) -> ImageDefaults {
+        let c = &config["config"];
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let string = |v: &Value| v.as_str().unwrap_or("").to_string();
+        ImageDefaults {
+            entrypoint: strings(&c["Entrypoint"]),
+            cmd: strings(&c["Cmd"]),
+            env: strings(&c["Env"]),
+            working_dir: string(&c["WorkingDir"]),
+            user: string(&c["User"]),
+            stop_signal: string(&c["StopSignal"]),
+        }
+    }
+}
+
+/// Where the pod's namespaces and files are.
+pub struct PodContext<'a> {
+    /// Pinned netns, or `None` for the host's.
+    pub netns: Option<&'a Path>,
+    /// The infra process, whose IPC/UTS (and shared PID) namespaces containers join.
+    pub infra_pid: i32,
+    pub share_pid: bool,
+    pub host_ipc: bool,
+    pub host_uts: bool,
+    pub hostname: &'a str,
+    /// Directory holding the pod's hostname, hosts and resolv.conf.
+    pub files_dir: &'a Path,
+}
+
+/// The process args as kubelet expects them merged: CRI command replaces the
+/// image Entrypoint (and then the image Cmd is dropped); CRI args replace Cmd.
+pub fn process_args(c: &ContainerSpec, img: &ImageDefaults) -> Vec<String> {
+    let (entry, cmd) = if !c.command.is_empty() {
+        (c.command.clone(), c.args.clone())
+    } else if !c.args.is_empty() {
+        (img.entrypoint.clone(), c.args.clone())
+    } else {
+        (img.entrypoint.clone(), img.cmd.clone())
+    };
+    entry.into_iter().chain(cmd).collect()
+}
+
+/// Image env first, CRI envs override by name.
+pub fn process_env(c: &ContainerSpec, img: &ImageDefaults) -> Vec<String> {
+    let mut env: Vec<(String, String)> = img
+        .env
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (e.clone(), String::new()),
+        })
+        .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.insert(
+            0,
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+        );
+    }
+    env.push(("HOSTNAME".into(), String::new()));
+    for (k, v) in &c.envs {
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(e) => e.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    env.into_iter()
+        .filter(|(k, v)| !(k == "HOSTNAME" && v.is_empty()))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
+/// Builds the OCI spec. `uid`/`gid`/`groups` are already resolved.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    c: &ContainerSpec,
+    img: &ImageDefaults,
+    pod: &PodContext<'_>,
+    rootfs: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+) -> Result<Spec, String> {
+    let args = process_args(c, img);
+    if args.is_empty() {
+        return Err("no command: neither the container config nor the image gives one".into());
+    }
+    let mut env = process_env(c, img);
+    if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", pod.hostname));
+    }
+    let cwd = if !c.working_dir.is_empty() {
+        c.working_dir.clone()
+    } else if !img.working_dir.is_empty() {
+        img.working_dir.clone()
+    } else {
+        "/".to_string()
+    };
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    let cri_dests: Vec<&str> = c.mounts.iter().map(|m| m.container_path.as_str()).collect();
+    for (file, dest) in [
+        ("hostname", "/etc/hostname"),
+        ("hosts", "/etc/hosts"),
+        ("resolv.conf", "/etc/resolv.conf"),
+    ] {
+        // kubelet sends its own /etc/hosts as a CRI mount; that one wins.
+        if !cri_dests.contains(&dest) {
+            mounts.push(json!({
+                "destination": dest, "type": "bind",
+                "source": pod.files_dir.join(file), "options": ["rbind", "rprivate"],
+            }));
+        }
+    }
+    for m in &c.mounts {
+        let mut options = vec!["rbind".to_string()];
+        options.push(
+            match m.propagation {
+                super::Propagation::Private => "rprivate",
+                super::Propagation::HostToContainer => "rslave",
+                super::Propagation::Bidirectional => "rshared",
+            }
+            .to_string(),
+        );
+        if m.readonly {
+            options.push("ro".into());
+        }
+        mounts.push(json!({
+            "destination": m.container_path, "type": "bind",
+            "source": m.host_path, "options": options,
+        }));
+    }
+    let mut namespaces = vec![json!({"type": "mount"})];
+    if let Some(p) = pod.netns {
+        namespaces.push(json!({"type": "network", "path": p}));
+    }
+    let infra_ns = |kind: &str| format!("/proc/{}/ns/{kind}", pod.infra_pid);
+    if !pod.host_ipc {
+        namespaces.push(json!({"type": "ipc", "path": infra_ns("ipc")}));
+    }
+    if !pod.host_uts {
+        namespaces.push(json!({"type": "uts", "path": infra_ns("uts")}));
+    }
+    if pod.share_pid {
+        namespaces.push(json!({"type": "pid", "path": infra_ns("pid")}));
+    } else if !c.host_pid {
+        namespaces.push(json!({"type": "pid"}));
+    }
+    let spec = json!({
+        "ociVersion": "1.2.0",
+        "process": {
+            "terminal": c.tty,
+            "user": {"uid": uid, "gid": gid, "additionalGids": groups},
+            "args": args,
+            "env": env,
+            "cwd": cwd,
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": pod.hostname,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": namespaces,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+        },
+        "annotations": c.annotations,
+    });
+    serde_json::from_value(spec).map_err(|e| format!("OCI spec: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img() -> ImageDefaults {
+        ImageDefaults {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            env: vec!["PATH=/bin".into(), "A=1".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn args_merge_like_kubelet() {
+        let mut c = ContainerSpec::default();
+        assert_eq!(process_args(&c, &img()), ["/entry", "default"]);
+        c.args = vec!["x".into()];
+        assert_eq!(process_args(&c, &img()), ["/entry", "x"]);
+        c.command = vec!["/bin/sh".into()];
+        assert_eq!(process_args(&c, &img()), ["/bin/sh", "x"]);
+        c.args.clear();
+        assert_eq!(process_args(&c, &img()), ["/bin/sh"]);
+    }
+
+    #[test]
+    fn env_overrides_by_name() {
+        let c = ContainerSpec {
+            envs: vec![("A".into(), "2".into()), ("B".into(), "3".into())],
+            ..Default::default()
+        };
+        assert_eq!(process_env(&c, &img()), ["PATH=/bin", "A=2", "B=3"]);
+    }
+}

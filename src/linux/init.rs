@@ -1,0 +1,410 @@
+//! The container init: created by the monitor with clone(2) in a new mount
+//! (and maybe PID) namespace, it builds the rootfs from the OCI spec (overlay,
+//! standard and CRI mounts, devices, masked and read-only paths), pivots into
+//! it, drops to the container user, waits on the exec fifo until
+//! StartContainer, and execs the workload.
+//!
+//! The monitor is single-threaded, so the cloned child may use the normal
+//! Rust library (allocation included) before it execs.
+
+use super::{sys, LinuxError};
+use nix::fcntl::{open, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use nix::unistd::{chdir, pivot_root, Gid, Uid};
+use oci_spec::runtime::Spec;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path, PathBuf};
+
+/// Everything the init needs besides the spec.
+pub struct InitPlan<'a> {
+    pub spec: &'a Spec,
+    /// Directory holding the unpacked layers; `lowers` are names inside it,
+    /// top-most first (relative names keep the overlay option string short).
+    pub layers_dir: &'a Path,
+    pub lowers: &'a [String],
+    pub upper: &'a Path,
+    pub work: &'a Path,
+    pub fifo: &'a Path,
+    /// The init reports `R` (ready), `W<msg>` (ready, but the command will not
+    /// start) or `E<msg>` (failed) here, then closes it.
+    pub sync: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+/// Clones the init into a new mount namespace (and a new PID namespace when
+/// `new_pid`). Returns its pid. Must be called from a single-threaded process.
+pub fn spawn(plan: &InitPlan<'_>, new_pid: bool) -> Result<i32, LinuxError> {
+    let mut stack = vec![0u8; 1024 * 1024];
+    let mut flags = nix::sched::CloneFlags::CLONE_NEWNS;
+    if new_pid {
+        flags |= nix::sched::CloneFlags::CLONE_NEWPID;
+    }
+    let cb = Box::new(|| -> isize {
+        let err = match run(plan) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        let msg = format!("E{err}");
+        let _ = nix::unistd::write(
+            // SAFETY: the sync fd is open for the whole life of the init.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(plan.sync) },
+            msg.as_bytes(),
+        );
+        1
+    });
+    // SAFETY: the monitor calling this is single-threaded, so the child (a
+    // copy of it, no CLONE_VM) may run ordinary Rust code. The stack buffer
+    // outlives the call in the parent; the child has its own copy.
+    let pid = unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) }
+        .map_err(sys("clone container init", "monitor"))?;
+    Ok(pid.as_raw())
+}
+
+enum Never {}
+
+fn run(p: &InitPlan<'_>) -> Result<Never, String> {
+    let spec = p.spec;
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .ok_or("spec has no root")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make mounts private: {e}"))?;
+
+    // The overlay rootfs exists only in this mount namespace: when the
+    // container's last process exits, it goes away with it.
+    chdir(p.layers_dir).map_err(|e| format!("chdir {}: {e}", p.layers_dir.display()))?;
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        p.lowers.join(":"),
+        p.upper.display(),
+        p.work.display()
+    );
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| format!("mount overlay rootfs at {}: {e}", root.display()))?;
+
+    for m in spec.mounts().as_deref().unwrap_or(&[]) {
+        mount_one(&root, m).map_err(|e| {
+            format!(
+                "mount {} on {}: {e}",
+                m.source()
+                    .as_ref()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_default(),
+                m.destination().display()
+            )
+        })?;
+    }
+    make_devices(&root)?;
+    if let Some(linux) = spec.linux() {
+        for path in linux.masked_paths().as_deref().unwrap_or(&[]) {
+            mask(&root, path).map_err(|e| format!("mask {path}: {e}"))?;
+        }
+        for path in linux.readonly_paths().as_deref().unwrap_or(&[]) {
+            readonly(&root, path).map_err(|e| format!("make {path} read-only: {e}"))?;
+        }
+    }
+    let fifo: OwnedFd = open(p.fifo, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("open exec fifo {}: {e}", p.fifo.display()))?;
+
+    chdir(&root).map_err(|e| format!("chdir rootfs: {e}"))?;
+    pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+
+    let process = spec.process().as_ref().ok_or("spec has no process")?;
+    let cwd = process.cwd();
+    std::fs::create_dir_all(cwd).map_err(|e| format!("working dir {}: {e}", cwd.display()))?;
+    chdir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    let args = process.args().clone().unwrap_or_default();
+    let env = process.env().clone().unwrap_or_default();
+    let start_error =
+        resolve_executable(args.first().map(String::as_str).unwrap_or(""), &env).err();
+
+    let user = process.user();
+    let groups: Vec<Gid> = user
+        .additional_gids()
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setgid(Gid::from_raw(user.gid()))
+        .map_err(|e| format!("setgid {}: {e}", user.gid()))?;
+    nix::unistd::setuid(Uid::from_raw(user.uid()))
+        .map_err(|e| format!("setuid {}: {e}", user.uid()))?;
+
+    let devnull = open("/dev/null", OFlag::O_RDONLY, Mode::empty())
+        .map_err(|e| format!("open /dev/null: {e}"))?;
+    for (from, to) in [(devnull.as_raw_fd(), 0), (p.stdout, 1), (p.stderr, 2)] {
+        // SAFETY: dup2 onto the standard fds of this process; all sources are open.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(format!("set up stdio: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let ready = match &start_error {
+        None => "R".to_string(),
+        Some(e) => format!("W{e}"),
+    };
+    // SAFETY: the sync fd stays open until this write; nothing else owns it.
+    let sync = unsafe { std::os::fd::BorrowedFd::borrow_raw(p.sync) };
+    nix::unistd::write(sync, ready.as_bytes()).map_err(|e| format!("report ready: {e}"))?;
+    nix::unistd::close(p.sync).ok();
+
+    // Blocks until StartContainer opens the fifo for reading.
+    let path = format!("/proc/self/fd/{}", fifo.as_raw_fd());
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("open exec fifo: {e}"))?;
+    let _ = w.write_all(b"0");
+    drop(w);
+    drop(fifo);
+
+    let exe = match resolve_executable(&args[0], &env) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(127);
+        }
+    };
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
+    let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
+    let err = nix::unistd::execve(&c(&exe.to_string_lossy()), &argv, &envp).unwrap_err();
+    eprintln!("exec {:?}: {err}", args[0]);
+    std::process::exit(if err == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    });
+}
+
+/// `args[0]` as the kernel should exec it, looked up in the container's PATH.
+fn resolve_executable(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if arg0.is_empty() {
+        return Err("no command given".into());
+    }
+    let is_exe = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if arg0.contains('/') {
+        return if is_exe(Path::new(arg0)) {
+            Ok(PathBuf::from(arg0))
+        } else {
+            Err(format!("exec: {arg0:?}: no such executable file"))
+        };
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .map(|d| Path::new(d).join(arg0))
+        .find(|p| is_exe(p))
+        .ok_or_else(|| format!("exec: {arg0:?}: executable file not found in $PATH"))
+}
+
+/// `dest` inside `root`, refusing `..` so a spec path cannot leave the rootfs.
+fn inside(root: &Path, dest: &Path) -> Result<PathBuf, String> {
+    let mut p = root.to_path_buf();
+    for c in dest.components() {
+        match c {
+            Component::Normal(n) => p.push(n),
+            Component::RootDir | Component::CurDir => {}
+            _ => return Err(format!("{} leaves the container root", dest.display())),
+        }
+    }
+    Ok(p)
+}
+
+fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    let mut propagation = None;
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "private" => propagation = Some(MsFlags::MS_PRIVATE),
+            "rprivate" => propagation = Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+            "slave" => propagation = Some(MsFlags::MS_SLAVE),
+            "rslave" => propagation = Some(MsFlags::MS_SLAVE | MsFlags::MS_REC),
+            "shared" => propagation = Some(MsFlags::MS_SHARED),
+            "rshared" => propagation = Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data, propagation)
+}
+
+fn mount_one(root: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
+    let target = inside(root, m.destination())?;
+    let options = m.options().clone().unwrap_or_default();
+    let (flags, data, propagation) = flags_and_data(&options);
+    let typ = m.typ().clone().unwrap_or_default();
+    let source = m.source().clone().unwrap_or_default();
+    let is_bind = flags.contains(MsFlags::MS_BIND) || typ == "bind";
+    if is_bind {
+        let meta = std::fs::metadata(&source).map_err(|e| format!("source: {e}"))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target).map_err(|e| format!("create target: {e}"))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| format!("create target: {e}"))?;
+            }
+            if std::fs::symlink_metadata(&target).is_err() {
+                std::fs::File::create(&target).map_err(|e| format!("create target: {e}"))?;
+            }
+        }
+        let rec = flags & MsFlags::MS_REC;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | rec,
+            None::<&str>,
+        )
+        .map_err(|e| e.to_string())?;
+        let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
+        if !rest.is_empty() {
+            // Bind mounts take their flags only on a remount.
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | rest,
+                None::<&str>,
+            )
+            .map_err(|e| format!("remount: {e}"))?;
+        }
+    } else {
+        std::fs::create_dir_all(&target).map_err(|e| format!("create target: {e}"))?;
+        let d = data.join(",");
+        mount(
+            Some(&source),
+            &target,
+            Some(typ.as_str()),
+            flags,
+            (!d.is_empty()).then_some(d.as_str()),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    if let Some(p) = propagation {
+        mount(None::<&str>, &target, None::<&str>, p, None::<&str>)
+            .map_err(|e| format!("propagation: {e}"))?;
+    }
+    Ok(())
+}
+
+fn make_devices(root: &Path) -> Result<(), String> {
+    let dev = root.join("dev");
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        std::fs::File::create(&target).map_err(|e| format!("create /dev/{name}: {e}"))?;
+        let source = Path::new("/dev").join(name);
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind /dev/{name}: {e}"))?;
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+        ("core", "/proc/kcore"),
+    ] {
+        let _ = std::os::unix::fs::symlink(to, dev.join(link));
+    }
+    Ok(())
+}
+
+fn mask(root: &Path, path: &str) -> Result<(), String> {
+    let target = inside(root, Path::new(path))?;
+    match std::fs::symlink_metadata(&target) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| e.to_string()),
+        Ok(_) => mount(
+            Some("/dev/null"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| e.to_string()),
+    }
+}
+
+fn readonly(root: &Path, path: &str) -> Result<(), String> {
+    let target = inside(root, Path::new(path))?;
+    if std::fs::symlink_metadata(&target).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(&target),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| e.to_string())?;
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Joins the namespace at `path` (a /proc/<pid>/ns/* file or a pin).
+pub fn join_namespace(path: &Path, kind: nix::sched::CloneFlags) -> Result<(), LinuxError> {
+    let f = std::fs::File::open(path).map_err(sys("open namespace", path.display()))?;
+    nix::sched::setns(&f, kind).map_err(sys("join namespace", path.display()))
+}

@@ -1,0 +1,316 @@
+//! `berth monitor`: one per container (ARCHITECTURE "Processes"). It creates
+//! the container init, owns its stdio pipes and writes the CRI log, records
+//! the exit status atomically, and then exits. It runs detached (its own
+//! session), so the daemon can die and restart without touching it.
+//!
+//! Single-threaded on purpose: the init is cloned from it and runs ordinary
+//! Rust code before exec, and a small monitor stays small.
+
+pub mod crilog;
+
+use crate::linux::init::{self, InitPlan};
+use crilog::{CriLog, Stream};
+use nix::sched::CloneFlags;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// What the daemon tells a monitor (monitor.json in the container dir).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    pub id: String,
+    /// The OCI spec.
+    pub spec: PathBuf,
+    pub layers_dir: PathBuf,
+    /// Layer directory names, top-most first.
+    pub lowers: Vec<String>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub fifo: PathBuf,
+    pub log_path: Option<PathBuf>,
+    pub exit_file: PathBuf,
+}
+
+/// The monitor's one-line answer on stdout once the init is ready.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Created {
+    pub pid: i32,
+    pub start_time: u64,
+    /// Set when the command cannot start (e.g. not found in the image).
+    pub start_error: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Recorded when the container's init exits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitRecord {
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    /// Unix nanoseconds.
+    pub finished_at: i64,
+}
+
+pub fn run(config: &Path) -> ! {
+    let code = match monitor(config) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "berth monitor: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn reply(c: &Created) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{}", serde_json::to_string(c).unwrap_or_default());
+    let _ = out.flush();
+}
+
+fn fail(msg: String) -> Result<(), String> {
+    reply(&Created {
+        pid: 0,
+        start_time: 0,
+        start_error: None,
+        error: Some(msg.clone()),
+    });
+    Err(msg)
+}
+
+fn monitor(config_path: &Path) -> Result<(), String> {
+    let _ = nix::unistd::setsid();
+    let cfg: MonitorConfig = match std::fs::read(config_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("read {}: {e}", config_path.display())),
+    };
+    let spec = match oci_spec::runtime::Spec::load(&cfg.spec) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("load spec {}: {e}", cfg.spec.display())),
+    };
+    // Join the pod's namespaces here, so the init is cloned inside them (a
+    // PID namespace can only be entered by a new child).
+    let mut new_pid = false;
+    if let Some(linux) = spec.linux() {
+        for ns in linux.namespaces().as_deref().unwrap_or(&[]) {
+            use oci_spec::runtime::LinuxNamespaceType as T;
+            let flag = match ns.typ() {
+                T::Network => CloneFlags::CLONE_NEWNET,
+                T::Ipc => CloneFlags::CLONE_NEWIPC,
+                T::Uts => CloneFlags::CLONE_NEWUTS,
+                T::Pid => CloneFlags::CLONE_NEWPID,
+                _ => continue,
+            };
+            match ns.path() {
+                Some(p) => {
+                    if let Err(e) = init::join_namespace(p, flag) {
+                        return fail(e.to_string());
+                    }
+                }
+                None if flag == CloneFlags::CLONE_NEWPID => new_pid = true,
+                None => {}
+            }
+        }
+    }
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let (out_r, out_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let (err_r, err_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let (sync_r, sync_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let plan = InitPlan {
+        spec: &spec,
+        layers_dir: &cfg.layers_dir,
+        lowers: &cfg.lowers,
+        upper: &cfg.upper,
+        work: &cfg.work,
+        fifo: &cfg.fifo,
+        sync: sync_w.as_raw_fd(),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+    };
+    let pid = match init::spawn(&plan, new_pid) {
+        Ok(p) => p,
+        Err(e) => return fail(e.to_string()),
+    };
+    drop((out_w, err_w, sync_w));
+    let mut msg = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::fs::File::from(sync_r), &mut msg);
+    let msg = String::from_utf8_lossy(&msg).into_owned();
+    let start_error = match msg.chars().next() {
+        Some('R') => None,
+        Some('W') => Some(msg[1..].to_string()),
+        Some('E') => {
+            reap(pid);
+            return fail(msg[1..].to_string());
+        }
+        _ => {
+            reap(pid);
+            return fail("container init exited during setup".into());
+        }
+    };
+    let start_time = crate::linux::process::start_time(pid).unwrap_or(0);
+    reply(&Created {
+        pid,
+        start_time,
+        start_error,
+        error: None,
+    });
+    // The daemon has its answer; nothing more goes to its pipe.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(null.as_fd());
+    }
+    let log = cfg.log_path.as_deref().and_then(|p| match CriLog::open(p) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!("berth monitor: open log {}: {e}", p.display());
+            None
+        }
+    });
+    let exited = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    // SIGUSR1 asks for the log file to be reopened (ReopenContainerLog).
+    let mut mask = nix::sys::signal::SigSet::empty();
+    mask.add(nix::sys::signal::Signal::SIGUSR1);
+    let _ = mask.thread_block();
+    let reopen = nix::sys::signalfd::SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    )
+    .ok();
+    copy_output(out_r, err_r, exited, reopen, log);
+    let (exit_code, signal) = wait_exit(pid);
+    let rec = ExitRecord {
+        exit_code,
+        signal,
+        finished_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+    };
+    crate::store::write_json(&cfg.exit_file, &rec).map_err(|e| e.to_string())
+}
+
+/// Copies both pipes into the CRI log until both reach EOF, or until the
+/// init has exited and what it wrote is drained (a leftover process of a
+/// shared-PID pod may keep a pipe open forever).
+fn copy_output(
+    out: OwnedFd,
+    err: OwnedFd,
+    exited: Option<OwnedFd>,
+    reopen: Option<nix::sys::signalfd::SignalFd>,
+    mut log: Option<CriLog>,
+) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    const DRAIN_AFTER_EXIT_MS: u16 = 200;
+    let mut open = [Some(out), Some(err)];
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut init_gone = false;
+    loop {
+        let streams: Vec<(usize, &OwnedFd)> = open
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().map(|f| (i, f)))
+            .collect();
+        if streams.is_empty() {
+            return;
+        }
+        let mut fds: Vec<PollFd> = streams
+            .iter()
+            .map(|(_, f)| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let base = fds.len();
+        if let Some(r) = reopen.as_ref() {
+            fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
+        }
+        let exit_idx = fds.len();
+        if let (false, Some(p)) = (init_gone, exited.as_ref()) {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = if init_gone {
+            PollTimeout::from(DRAIN_AFTER_EXIT_MS)
+        } else {
+            PollTimeout::NONE
+        };
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+            Ok(0) if init_gone => break,
+            Ok(_) => {}
+        }
+        let fired = |i: usize| {
+            fds.get(i)
+                .and_then(|p| p.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        if !init_gone && fds.len() > exit_idx && fired(exit_idx) {
+            init_gone = true;
+        }
+        if reopen.is_some() && fired(base) {
+            if let Some(r) = reopen.as_ref() {
+                while let Ok(Some(_)) = r.read_signal() {}
+            }
+            if let Some(l) = log.as_mut() {
+                if let Err(e) = l.reopen() {
+                    eprintln!("berth monitor: reopen log: {e}");
+                }
+            }
+        }
+        let ready: Vec<usize> = fds
+            .iter()
+            .zip(&streams)
+            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, (i, _))| *i)
+            .collect();
+        drop(fds);
+        for i in ready {
+            let stream = if i == 0 {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            };
+            let n = match open[i].as_ref().map(|f| nix::unistd::read(f, &mut buf)) {
+                Some(Ok(n)) => n,
+                Some(Err(nix::errno::Errno::EINTR)) => continue,
+                _ => 0,
+            };
+            if n == 0 {
+                open[i] = None;
+                if let Some(l) = log.as_mut() {
+                    let _ = l.finish(stream);
+                }
+            } else if let Some(l) = log.as_mut() {
+                let _ = l.write(stream, &buf[..n]);
+            }
+        }
+    }
+    if let Some(l) = log.as_mut() {
+        let _ = l.finish(Stream::Stdout);
+        let _ = l.finish(Stream::Stderr);
+    }
+}
+
+fn wait_exit(pid: i32) -> (i32, Option<i32>) {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return (code, None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return (128 + sig as i32, Some(sig as i32)),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => continue,
+            Err(_) => return (255, None),
+        }
+    }
+}
+
+fn reap(pid: i32) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
