@@ -506,6 +506,10 @@ impl ContainerManager {
         let fifo = dir.join("exec.fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .map_err(|e| io("create exec fifo")(e.to_string()))?;
+        // The init opens it after dropping to the container user; only that
+        // process can reach it (through its own fd), the path is in berth's root.
+        std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o622))
+            .map_err(|e| io("chmod exec fifo")(e.to_string()))?;
         if let Some(l) = &rec.log_path {
             if let Some(parent) = l.parent() {
                 std::fs::create_dir_all(parent)

@@ -48,6 +48,9 @@ pub fn spawn(plan: &InitPlan<'_>, new_pid: bool) -> Result<i32, LinuxError> {
             Ok(never) => match never {},
             Err(e) => e,
         };
+        // Before "ready" the monitor reads this; after it, stderr is the
+        // container's log, where kubelet users will look.
+        eprintln!("berth init: {err}");
         let msg = format!("E{err}");
         let _ = nix::unistd::write(
             // SAFETY: the sync fd is open for the whole life of the init.

@@ -1,0 +1,671 @@
+//! Container lifecycle through the CRI socket: real processes in real
+//! namespaces on an overlay rootfs made from a pulled image.
+
+mod common;
+
+use common::*;
+use cri_proto::v1 as cri;
+use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
+
+struct Env {
+    berth: Berth,
+    reg: Registry,
+    ns: Netns,
+    rt: RuntimeServiceClient<Channel>,
+    logs: PathBuf,
+}
+
+async fn start() -> Env {
+    let ns = Netns::new();
+    let reg = Registry::start(&ns, RegistryOpts::default());
+    reg.push("busybox", "busybox:latest");
+    reg.push("user-numeric", "user-numeric:latest");
+    let berth = Berth::start(
+        &ns,
+        BerthOpts {
+            registries_conf: Some(
+                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
+            ),
+            ..Default::default()
+        },
+    );
+    let mut im = berth.image_client().await;
+    for image in [IMAGE, "127.0.0.1:5000/user-numeric:latest"] {
+        im.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let rt = berth.runtime_client().await;
+    let logs = berth.dir.join("pod-logs");
+    Env {
+        berth,
+        reg,
+        ns,
+        rt,
+        logs,
+    }
+}
+
+impl Env {
+    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: format!("{name}-host"),
+            log_directory: self.logs.join(name).display().to_string(),
+            dns_config: Some(cri::DnsConfig {
+                servers: vec!["10.96.0.10".into()],
+                searches: vec!["default.svc.cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            }),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn pod(&mut self, name: &str) -> String {
+        self.rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(self.pod_config(name)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    async fn create(
+        &mut self,
+        pod: &str,
+        cfg: cri::ContainerConfig,
+    ) -> Result<String, tonic::Status> {
+        let pod_name = self.pod_name(pod).await;
+        self.rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(cfg),
+                sandbox_config: Some(self.pod_config(&pod_name)),
+            })
+            .await
+            .map(|r| r.into_inner().container_id)
+    }
+
+    async fn pod_name(&mut self, pod: &str) -> String {
+        self.rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .metadata
+            .unwrap()
+            .name
+    }
+
+    async fn run(&mut self, pod: &str, name: &str, script: &str) -> String {
+        let id = self.create(pod, sh(name, script)).await.unwrap();
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn status(&mut self, id: &str) -> cri::ContainerStatus {
+        self.rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+
+    async fn wait_exit(&mut self, id: &str) -> cri::ContainerStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.status(id).await;
+            if s.state == cri::ContainerState::ContainerExited as i32 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} did not exit: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log(&self, pod: &str, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(pod).join(name).join("0.log")).unwrap_or_default()
+    }
+
+    /// The container output's text, without the CRI log prefixes.
+    fn output(&self, pod: &str, name: &str) -> String {
+        self.log(pod, name)
+            .lines()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn finish(mut self) {
+        let pods = self
+            .rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        for p in pods {
+            self.rt
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: p.id,
+                })
+                .await
+                .unwrap();
+        }
+        let left = self
+            .rt
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+        assert!(
+            left.is_empty(),
+            "containers left after removing their pods: {left:?}"
+        );
+        let dir = self.berth.dir.clone();
+        let Env {
+            berth, reg, ns, rt, ..
+        } = self;
+        drop(rt);
+        drop(berth);
+        drop(reg);
+        ns.assert_no_leaks(&dir);
+    }
+}
+
+fn sh(name: &str, script: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}/0.log"),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_exit_codes_and_logs() {
+    let mut env = start().await;
+    let pod = env.pod("life").await;
+    let id = env
+        .create(
+            &pod,
+            sh("c", "echo out; echo err >&2; printf partial; exit 3"),
+        )
+        .await
+        .unwrap();
+    let s = env.status(&id).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
+    assert!(s.created_at > 0 && s.started_at == 0);
+    assert_eq!(s.image.unwrap().image, IMAGE);
+    assert!(
+        s.image_ref.starts_with("127.0.0.1:5000/busybox@sha256:"),
+        "{}",
+        s.image_ref
+    );
+    assert!(s.image_id.starts_with("sha256:"));
+    assert!(s.log_path.ends_with("c/0.log"));
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let s = env.wait_exit(&id).await;
+    assert_eq!(s.exit_code, 3);
+    assert_eq!(s.reason, "Error");
+    assert!(s.started_at >= s.created_at && s.finished_at >= s.started_at);
+    let log = env.log("life", "c");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    for l in &lines {
+        let ts = l.split(' ').next().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(ts).is_ok(),
+            "timestamp {ts}"
+        );
+    }
+    assert!(lines.iter().any(|l| l.ends_with(" stdout F out")), "{log}");
+    assert!(lines.iter().any(|l| l.ends_with(" stderr F err")), "{log}");
+    assert!(
+        lines.iter().any(|l| l.ends_with(" stdout P partial")),
+        "{log}"
+    );
+
+    let ok = env.run(&pod, "ok", "true").await;
+    let s = env.wait_exit(&ok).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
+
+    // Contract points.
+    let e = env
+        .rt
+        .start_container(cri::StartContainerRequest {
+            container_id: ok.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = env.create(&pod, sh("ok", "true")).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = env
+        .rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: "0123abcd".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    for _ in 0..2 {
+        env.rt
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: ok.clone(),
+            })
+            .await
+            .unwrap();
+        env.rt
+            .stop_container(cri::StopContainerRequest {
+                container_id: ok.clone(),
+                timeout: 0,
+            })
+            .await
+            .unwrap();
+    }
+    // A command that is not in the image cannot run.
+    let bad = env
+        .create(
+            &pod,
+            cri::ContainerConfig {
+                command: vec!["/no/such/binary".into()],
+                ..sh("bad", "")
+            },
+        )
+        .await
+        .unwrap();
+    let e = env
+        .rt
+        .start_container(cri::StartContainerRequest {
+            container_id: bad.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("/no/such/binary"), "{e:?}");
+    let s = env.status(&bad).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(s.reason, "ContainerCannotRun");
+    assert_eq!(s.exit_code, 128);
+    // The image of a container cannot be removed.
+    let mut im = env.berth.image_client().await;
+    let e = im
+        .remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn environment_user_mounts_and_pod_files() {
+    let mut env = start().await;
+    let pod = env.pod("envpod").await;
+    let vol = env.berth.dir.join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("in"), "from-host").unwrap();
+    let ro = env.berth.dir.join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    let cfg = cri::ContainerConfig {
+        working_dir: "/work/dir".into(),
+        envs: vec![
+            cri::KeyValue {
+                key: "GREETING".into(),
+                value: b"hi there".to_vec(),
+            },
+            cri::KeyValue {
+                key: "PATH".into(),
+                value: b"/bin:/usr/bin".to_vec(),
+            },
+        ],
+        mounts: vec![
+            cri::Mount {
+                container_path: "/vol".into(),
+                host_path: vol.display().to_string(),
+                ..Default::default()
+            },
+            cri::Mount {
+                container_path: "/ro".into(),
+                host_path: ro.display().to_string(),
+                readonly: true,
+                ..Default::default()
+            },
+        ],
+        ..sh(
+            "c",
+            "echo \"greeting=$GREETING\"; echo \"path=$PATH\"; echo \"cwd=$(pwd)\"; echo \"id=$(id -u):$(id -g)\"; \
+             echo \"hostname=$(hostname)\"; cat /vol/in; echo; echo written > /vol/out; \
+             touch /ro/x 2>/dev/null && echo ro-writable || echo ro-readonly; \
+             grep -c nameserver /etc/resolv.conf; cat /etc/resolv.conf; cat /etc/hostname; \
+             grep -q localhost /etc/hosts && echo hosts-ok; echo pid1=$(cat /proc/1/cmdline | tr '\\0' ' ')",
+        )
+    };
+    let id = env.create(&pod, cfg).await.unwrap();
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let s = env.wait_exit(&id).await;
+    let out = env.output("envpod", "c");
+    assert_eq!(s.exit_code, 0, "{out}");
+    for want in [
+        "greeting=hi there",
+        "path=/bin:/usr/bin",
+        "cwd=/work/dir",
+        "id=0:0",
+        "hostname=envpod-host",
+        "from-host",
+        "ro-readonly",
+        "nameserver 10.96.0.10",
+        "search default.svc.cluster.local",
+        "options ndots:5",
+        "envpod-host",
+        "hosts-ok",
+        "pid1=sh -c",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(want)),
+            "missing {want:?} in:\n{out}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(vol.join("out")).unwrap(),
+        "written\n"
+    );
+    assert!(!ro.join("x").exists());
+
+    // The image's USER, and run_as_user overriding it.
+    let mut user = sh("u1", "id -u; id -g");
+    user.image = Some(cri::ImageSpec {
+        image: "127.0.0.1:5000/user-numeric:latest".into(),
+        ..Default::default()
+    });
+    let id = env.create(&pod, user.clone()).await.unwrap();
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let s = env.wait_exit(&id).await;
+    assert_eq!(env.output("envpod", "u1"), "1000\n1000");
+    let u = s.user.unwrap().linux.unwrap();
+    assert_eq!((u.uid, u.gid), (1000, 1000));
+    let mut as_nobody = sh("u2", "id -u");
+    as_nobody.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 65534 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = env.create(&pod, as_nobody).await.unwrap();
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    env.wait_exit(&id).await;
+    assert_eq!(env.output("envpod", "u2"), "65534");
+    // A bind source that does not exist is refused at create.
+    let e = env
+        .create(
+            &pod,
+            cri::ContainerConfig {
+                mounts: vec![cri::Mount {
+                    container_path: "/x".into(),
+                    host_path: "/no/such/host/path".into(),
+                    ..Default::default()
+                }],
+                ..sh("m", "true")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("/no/such/host/path"), "{e:?}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn stop_timeout_escalates_and_restart_keeps_containers() {
+    let mut env = start().await;
+    let pod = env.pod("stoppod").await;
+    // sleep as PID 1 ignores SIGTERM: the stop must escalate to SIGKILL.
+    let stubborn = env.run(&pod, "stubborn", "exec sleep 1000").await;
+    // A shell with a TERM handler exits on its own.
+    let polite = env
+        .run(
+            &pod,
+            "polite",
+            "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 0.1; done",
+        )
+        .await;
+    let chatty = env
+        .run(
+            &pod,
+            "chatty",
+            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        env.status(&stubborn).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+
+    let t = Instant::now();
+    env.rt
+        .stop_container(cri::StopContainerRequest {
+            container_id: stubborn.clone(),
+            timeout: 1,
+        })
+        .await
+        .unwrap();
+    let s = env.status(&stubborn).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(s.exit_code, 137, "killed by SIGKILL");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "the timeout was honoured"
+    );
+
+    env.rt
+        .stop_container(cri::StopContainerRequest {
+            container_id: polite.clone(),
+            timeout: 30,
+        })
+        .await
+        .unwrap();
+    let s = env.status(&polite).await;
+    assert_eq!(s.exit_code, 0);
+    assert!(env.output("stoppod", "polite").contains("got-term"));
+
+    // kill -9 of the daemon: the running container keeps running and logging.
+    let before = env.log("stoppod", "chatty").lines().count();
+    env.berth.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.berth.restart();
+    env.rt = env.berth.runtime_client().await;
+    let s = env.status(&chatty).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
+    assert!(env.log("stoppod", "chatty").lines().count() > before + 2);
+    assert_eq!(env.status(&stubborn).await.exit_code, 137);
+
+    // Log rotation: kubelet renames the file and asks for a reopen.
+    let log = env.logs.join("stoppod/chatty/0.log");
+    std::fs::rename(&log, log.with_extension("log.1")).unwrap();
+    env.rt
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: chatty.clone(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(std::fs::read_to_string(&log).unwrap().contains("tick"));
+    // Not running: refused, and no file appears.
+    let plog = env.logs.join("stoppod/polite/0.log");
+    std::fs::remove_file(&plog).unwrap();
+    let e = env
+        .rt
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: polite.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(!plog.exists());
+
+    // Removing a running container kills it.
+    env.rt
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: chatty.clone(),
+        })
+        .await
+        .unwrap();
+    let list = env
+        .rt
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(!list.iter().any(|c| c.id == chatty));
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn list_filters() {
+    let mut env = start().await;
+    let p1 = env.pod("lp1").await;
+    let p2 = env.pod("lp2").await;
+    let mut cfg = sh("a", "sleep 30");
+    cfg.labels.insert("app".into(), "web".into());
+    let a = env.create(&p1, cfg).await.unwrap();
+    let b = env.run(&p2, "b", "sleep 30").await;
+    let list = |f: cri::ContainerFilter| {
+        let mut rt = env.rt.clone();
+        async move {
+            let mut ids: Vec<String> = rt
+                .list_containers(cri::ListContainersRequest { filter: Some(f) })
+                .await
+                .unwrap()
+                .into_inner()
+                .containers
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(
+        list(cri::ContainerFilter {
+            pod_sandbox_id: p1.clone(),
+            ..Default::default()
+        })
+        .await,
+        vec![a.clone()]
+    );
+    assert_eq!(
+        list(cri::ContainerFilter {
+            id: b[..8].into(),
+            ..Default::default()
+        })
+        .await,
+        vec![b.clone()]
+    );
+    assert_eq!(
+        list(cri::ContainerFilter {
+            state: Some(cri::ContainerStateValue {
+                state: cri::ContainerState::ContainerRunning as i32
+            }),
+            ..Default::default()
+        })
+        .await,
+        vec![b.clone()]
+    );
+    let mut sel = std::collections::HashMap::new();
+    sel.insert("app".to_string(), "web".to_string());
+    assert_eq!(
+        list(cri::ContainerFilter {
+            label_selector: sel,
+            ..Default::default()
+        })
+        .await,
+        vec![a.clone()]
+    );
+    env.finish().await;
+}
