@@ -1,6 +1,7 @@
 //! The low-level runtime: the only place with `unsafe`. Each unsafe block
 //! says why it is sound. Callers get plain functions over paths and pids.
 
+pub mod exec;
 pub mod init;
 pub mod netns;
 pub mod process;
