@@ -36,6 +36,16 @@ pub struct Config {
     /// tracing filter: error, warn, info, debug, trace or a full EnvFilter directive.
     pub log_level: String,
     pub image: ImageConfig,
+    pub cgroup: CgroupConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// auto: use cgroup v2 when it is mounted at /sys/fs/cgroup; on; off.
+    pub mode: crate::cgroup::Mode,
+    /// Run with a requested limit unapplied when its controller is missing.
+    pub allow_missing_controllers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +70,7 @@ impl Default for Config {
             registries_config: PathBuf::from("/etc/berth/registries.conf"),
             log_level: "info".into(),
             image: ImageConfig::default(),
+            cgroup: CgroupConfig::default(),
         }
     }
 }
@@ -188,6 +199,15 @@ max_concurrent_downloads = {mcd}
 
 # Seconds a registry connection may stall before the request fails.
 registry_timeout_secs = {rts}
+
+[cgroup]
+# auto: use cgroup v2 when it is mounted at /sys/fs/cgroup (pure v2 hosts);
+# "on" also uses a hybrid host's /sys/fs/cgroup/unified; "off" never.
+mode = "auto"
+
+# Run containers whose requested limits need a missing controller (warning
+# once per controller) instead of failing CreateContainer.
+allow_missing_controllers = false
 "#,
         socket = d.socket.display(),
         root = d.root.display(),

@@ -1,5 +1,6 @@
 //! berth: a Kubernetes node agent serving CRI v1.
 
+mod cgroup;
 mod check;
 mod config;
 mod container;
@@ -56,6 +57,9 @@ enum Cmd {
         /// The pod this process holds the namespaces of.
         #[arg(long)]
         pod: String,
+        /// The pods directory of the daemon that started it.
+        #[arg(long)]
+        pods_dir: Option<PathBuf>,
     },
     /// A container's monitor (started by berth itself).
     #[command(hide = true)]
@@ -103,7 +107,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Pause { pod: _ } => pod::pause::run(),
+        Cmd::Pause { .. } => pod::pause::run(),
         Cmd::Monitor { config } => monitor::run(&config),
         Cmd::Check => {
             if check::print_report(&check::run_checks()) {

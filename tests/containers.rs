@@ -669,3 +669,83 @@ async fn list_filters() {
     );
     env.finish().await;
 }
+
+#[tokio::test]
+async fn exec_sync_runs_inside_the_container() {
+    let mut env = start().await;
+    let pod = env.pod("execpod").await;
+    let mut cfg = sh("c", "echo $$ > /tmp/pid1; exec sleep 1000");
+    cfg.envs = vec![cri::KeyValue {
+        key: "FROM_CRI".into(),
+        value: b"yes".to_vec(),
+    }];
+    cfg.working_dir = "/tmp".into();
+    let id = env.create(&pod, cfg).await.unwrap();
+    // Not running yet: refused.
+    let e = env
+        .rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["true".into()],
+            timeout: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let exec = |cmd: &str, timeout: i64| {
+        let mut rt = env.rt.clone();
+        let req = cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), cmd.into()],
+            timeout,
+        };
+        async move { rt.exec_sync(req).await.unwrap().into_inner() }
+    };
+    let r = exec(
+        "hostname; pwd; echo $FROM_CRI; cat /tmp/pid1; echo oops >&2; exit 7",
+        0,
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "execpod-host\n/tmp\nyes\n1\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "oops\n");
+    assert_eq!(r.exit_code, 7);
+    // The exec sees the container's processes (its PID namespace).
+    let r = exec("cat /proc/1/cmdline | tr '\\0' ' '", 0).await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "sleep 1000 ");
+    // The timeout is honoured: the process is killed.
+    let t = Instant::now();
+    let r = exec("sleep 30", 1).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_ne!(r.exit_code, 0);
+    let r = exec("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '", 0).await;
+    let procs = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        !procs.contains("sleep 30 "),
+        "the timed-out process is gone: {procs}"
+    );
+    let r = env
+        .rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["no-such-command".into()],
+            timeout: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.exit_code, 127);
+    env.finish().await;
+}

@@ -58,11 +58,15 @@ async fn version_status_and_runtime_config() {
 
     // RPCs of later capabilities say so, by name.
     let e = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .update_container_resources(cri::UpdateContainerResourcesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().contains("RunPodSandbox"), "{}", e.message());
+    assert!(
+        e.message().contains("UpdateContainerResources"),
+        "{}",
+        e.message()
+    );
     let e = rt
         .get_container_events(cri::GetEventsRequest {})
         .await

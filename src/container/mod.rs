@@ -92,6 +92,7 @@ pub struct ContainerSpec {
     pub run_as_group: Option<i64>,
     pub run_as_username: String,
     pub host_pid: bool,
+    pub resources: crate::cgroup::Resources,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +142,9 @@ pub struct ContainerRecord {
     pub cwd: String,
     pub stop_signal: String,
     pub start_error: Option<String>,
+    /// The container's cgroup, when cgroups are in use.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// ListContainers' filter.
@@ -164,9 +168,11 @@ pub struct PodInfo {
     pub hostname: String,
     pub files_dir: PathBuf,
     pub log_directory: String,
+    pub cgroup_parent: String,
 }
 
 pub struct ContainerManager {
+    cgroups: crate::cgroup::Cgroups,
     dir: PathBuf,
     layers_dir: PathBuf,
     exe: PathBuf,
@@ -184,13 +190,18 @@ fn now_ns() -> i64 {
 impl ContainerManager {
     /// Loads records and reconciles them; must run inside the tokio runtime
     /// (it starts exit watchers for running containers).
-    pub fn open(root: &Path, layers_dir: &Path) -> Result<Arc<ContainerManager>, ContainerError> {
+    pub fn open(
+        root: &Path,
+        layers_dir: &Path,
+        cgroups: crate::cgroup::Cgroups,
+    ) -> Result<Arc<ContainerManager>, ContainerError> {
         let dir = root.join("containers");
         std::fs::create_dir_all(&dir)
             .map_err(|e| internal("", "create containers dir")(e.to_string()))?;
         let exe = std::env::current_exe()
             .map_err(|e| internal("", "find berth's binary")(e.to_string()))?;
         let m = Arc::new(ContainerManager {
+            cgroups,
             dir,
             layers_dir: layers_dir.to_path_buf(),
             exe,
@@ -253,8 +264,16 @@ impl ContainerManager {
 
     /// Kills what a record names and deletes its directory.
     fn destroy(&self, rec: &ContainerRecord) {
+        if let Some(cg) = &rec.cgroup {
+            self.cgroups.kill(cg);
+        }
         for p in [rec.init, rec.monitor].into_iter().flatten() {
             let _ = process::kill_and_wait(p.into(), Duration::from_secs(10));
+        }
+        if let Some(cg) = &rec.cgroup {
+            if let Err(e) = self.cgroups.remove(cg) {
+                tracing::error!(container = %rec.id, error = %e, "cannot remove cgroup");
+            }
         }
         if let Err(e) = std::fs::remove_dir_all(self.cdir(&rec.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -472,6 +491,7 @@ impl ContainerManager {
             cwd: String::new(),
             stop_signal: img.stop_signal.clone(),
             start_error: None,
+            cgroup: self.cgroups.path_for(&pod.cgroup_parent, &id),
             spec,
         };
         let made = self.make(&mut rec, pod, &img, &lowers);
@@ -500,6 +520,17 @@ impl ContainerManager {
         let io = |what: &'static str| internal(&id, what);
         std::fs::create_dir(&dir).map_err(|e| io("create directory")(e.to_string()))?;
         self.persist(rec)?;
+        if let Some(cg) = &rec.cgroup {
+            self.cgroups
+                .create(cg, &rec.spec.resources)
+                .map_err(|e| match e {
+                    crate::cgroup::CgroupError::MissingController { .. }
+                    | crate::cgroup::CgroupError::Invalid { .. } => {
+                        ContainerError::Invalid(format!("container {}: {e}", rec.spec.name))
+                    }
+                    e => io("create cgroup")(e.to_string()),
+                })?;
+        }
         for d in ["upper", "work", "rootfs"] {
             std::fs::create_dir(dir.join(d)).map_err(|e| io("create directory")(e.to_string()))?;
         }
@@ -554,6 +585,7 @@ impl ContainerManager {
             fifo,
             log_path: rec.log_path.clone(),
             exit_file: dir.join("exit.json"),
+            cgroup: rec.cgroup.clone(),
         };
         write_json(&dir.join("monitor.json"), &mcfg)
             .map_err(|e| io("write monitor.json")(e.to_string()))?;
@@ -674,6 +706,10 @@ impl ContainerManager {
             }
         }
         process::signal(init.into(), rustix::process::Signal::KILL);
+        if let Some(cg) = &rec.cgroup {
+            // Everything the container forked goes too, not just its init.
+            self.cgroups.kill(cg);
+        }
         if !self.wait_exited(&rec.id, Duration::from_secs(10)).await {
             return Err(ContainerError::Internal {
                 id: rec.id,
@@ -708,6 +744,11 @@ impl ContainerManager {
         };
         self.stop(&rec.id, Duration::ZERO).await?;
         let rec = self.get(&rec.id)?;
+        if let Some(cg) = &rec.cgroup {
+            self.cgroups
+                .remove(cg)
+                .map_err(|e| internal(&rec.id, "remove cgroup")(e.to_string()))?;
+        }
         let dir = self.cdir(&rec.id);
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
             .await
@@ -753,6 +794,45 @@ impl ContainerManager {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
+    }
+
+    /// Runs a command in the running container, as the container's user,
+    /// env and cwd, killing it when `timeout` expires. Blocking.
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Option<Duration>,
+    ) -> Result<crate::linux::exec::ExecOutput, ContainerError> {
+        let rec = self.get(id)?;
+        if cmd.is_empty() {
+            return Err(ContainerError::Invalid("ExecSync: cmd is empty".into()));
+        }
+        let init = match (rec.state, rec.init) {
+            (ContainerState::Running, Some(i)) if process::is_alive(i.into()) => i,
+            _ => {
+                return Err(ContainerError::FailedPrecondition {
+                    id: rec.id,
+                    reason: "the container is not running".into(),
+                })
+            }
+        };
+        let spec = crate::linux::exec::ExecSpec {
+            target_pid: init.pid,
+            argv: cmd,
+            env: &rec.env,
+            cwd: &rec.cwd,
+            uid: rec.uid,
+            gid: rec.gid,
+            groups: &rec.groups,
+            timeout,
+            max_output: 16 << 20,
+        };
+        crate::linux::exec::exec_sync(&spec).map_err(|e| ContainerError::Internal {
+            id: rec.id.clone(),
+            what: "exec",
+            detail: e.to_string(),
+        })
     }
 
     pub fn dir_of(&self, id: &str) -> PathBuf {

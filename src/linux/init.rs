@@ -33,6 +33,8 @@ pub struct InitPlan<'a> {
     pub sync: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
+    /// Entered first, so all the init's setup is accounted to the container.
+    pub cgroup: Option<&'a Path>,
 }
 
 /// Clones the init into a new mount namespace (and a new PID namespace when
@@ -70,6 +72,10 @@ pub fn spawn(plan: &InitPlan<'_>, new_pid: bool) -> Result<i32, LinuxError> {
 enum Never {}
 
 fn run(p: &InitPlan<'_>) -> Result<Never, String> {
+    if let Some(cg) = p.cgroup {
+        std::fs::write(cg.join("cgroup.procs"), "0")
+            .map_err(|e| format!("enter cgroup {}: {e}", cg.display()))?;
+    }
     let spec = p.spec;
     let root = spec
         .root()

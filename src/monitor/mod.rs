@@ -30,6 +30,8 @@ pub struct MonitorConfig {
     pub fifo: PathBuf,
     pub log_path: Option<PathBuf>,
     pub exit_file: PathBuf,
+    /// The container's cgroup; the init enters it before anything else.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The monitor's one-line answer on stdout once the init is ready.
@@ -49,6 +51,9 @@ pub struct ExitRecord {
     pub signal: Option<i32>,
     /// Unix nanoseconds.
     pub finished_at: i64,
+    /// The kernel OOM-killed a process of the container.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 pub fn run(config: &Path) -> ! {
@@ -139,6 +144,7 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         sync: sync_w.as_raw_fd(),
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
+        cgroup: cfg.cgroup.as_deref(),
     };
     let pid = match init::spawn(&plan, new_pid) {
         Ok(p) => p,
@@ -191,10 +197,17 @@ fn monitor(config_path: &Path) -> Result<(), String> {
     .ok();
     copy_output(out_r, err_r, exited, reopen, log);
     let (exit_code, signal) = wait_exit(pid);
+    // Read before anyone removes the cgroup: an OOM kill of any process in
+    // the container counts, as kubelet expects.
+    let oom_killed = cfg
+        .cgroup
+        .as_deref()
+        .is_some_and(crate::cgroup::Cgroups::oom_killed);
     let rec = ExitRecord {
         exit_code,
         signal,
         finished_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+        oom_killed,
     };
     crate::store::write_json(&cfg.exit_file, &rec).map_err(|e| e.to_string())
 }

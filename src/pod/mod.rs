@@ -151,7 +151,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PodManager {
     /// Loads the pod records and reconciles them with the kernel.
-    pub fn open(root: &Path, state_dir: &Path) -> Result<PodManager, PodError> {
+    pub fn open(root: &Path, state_dir: &Path) -> Result<std::sync::Arc<PodManager>, PodError> {
         let io = |what: &str, source| PodError::Io {
             id: String::new(),
             what: what.to_string(),
@@ -170,8 +170,43 @@ impl PodManager {
             pods: Mutex::new(BTreeMap::new()),
             ops: Mutex::new(()),
         };
+        let m = std::sync::Arc::new(m);
         m.reconcile()?;
+        let ready: Vec<(String, Infra)> = lock(&m.pods)
+            .values()
+            .filter(|p| p.state == PodState::Ready)
+            .filter_map(|p| p.infra.map(|i| (p.id.clone(), i)))
+            .collect();
+        for (id, infra) in ready {
+            m.watch(id, infra);
+        }
         Ok(m)
+    }
+
+    /// Marks the pod not ready when its infra process dies (kubelet then
+    /// recreates the sandbox, as with containerd's pause process).
+    fn watch(self: &std::sync::Arc<Self>, id: String, infra: Infra) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            process::exited(infra.into()).await;
+            process::reap(infra.pid);
+            let rec = {
+                let mut pods = lock(&this.pods);
+                match pods.get_mut(&id) {
+                    Some(p) if p.state == PodState::Ready && p.infra == Some(infra) => {
+                        p.state = PodState::NotReady;
+                        Some(p.clone())
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(rec) = rec {
+                tracing::warn!(pod = %id, pid = infra.pid, "pod infra process exited: sandbox not ready");
+                if let Err(e) = this.persist(&rec) {
+                    tracing::error!(pod = %id, error = %e, "cannot record pod state");
+                }
+            }
+        });
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
@@ -240,7 +275,7 @@ impl PodManager {
                 }
             }
         }
-        kill_orphan_infras(&self.exe, &pods);
+        kill_orphan_infras(&self.exe, &self.pods_dir, &pods);
         *lock(&self.pods) = pods;
         Ok(())
     }
@@ -268,8 +303,9 @@ impl PodManager {
         }
     }
 
-    /// Creates and starts a pod sandbox; returns its id. Blocking.
-    pub fn run(&self, spec: PodSpec) -> Result<String, PodError> {
+    /// Creates and starts a pod sandbox; returns its id. Blocking; call it
+    /// inside the tokio runtime (it starts a watcher for the infra process).
+    pub fn run(self: &std::sync::Arc<Self>, spec: PodSpec) -> Result<String, PodError> {
         for (field, v) in [
             ("metadata.name", &spec.name),
             ("metadata.uid", &spec.uid),
@@ -333,8 +369,13 @@ impl PodManager {
                 new_pid: rec.spec.pid == NsMode::Pod,
                 hostname: (!host_uts).then(|| rec.hostname()),
             };
-            let p = process::spawn_in_namespaces(&self.exe, &["pause", "--pod", &id], &ns)
-                .map_err(kernel)?;
+            let pods_dir = self.pods_dir.display().to_string();
+            let p = process::spawn_in_namespaces(
+                &self.exe,
+                &["pause", "--pod", &id, "--pods-dir", &pods_dir],
+                &ns,
+            )
+            .map_err(kernel)?;
             rec.infra = Some(Infra {
                 pid: p.pid,
                 start_time: p.start_time,
@@ -349,7 +390,11 @@ impl PodManager {
             return Err(e);
         }
         tracing::info!(pod = %id, name = %rec.spec.name, namespace = %rec.spec.namespace, infra = ?rec.infra.map(|i| i.pid), "pod sandbox ready");
+        let infra = rec.infra;
         lock(&self.pods).insert(id.clone(), rec);
+        if let Some(i) = infra {
+            self.watch(id.clone(), i);
+        }
         Ok(id)
     }
 
@@ -457,8 +502,14 @@ impl PodManager {
             Err(PodError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        let Some(rec) = lock(&self.pods).get(&id).cloned() else {
-            return Ok(());
+        let rec = {
+            let mut pods = lock(&self.pods);
+            let Some(p) = pods.get_mut(&id) else {
+                return Ok(());
+            };
+            // The infra watcher must not write the record while it is removed.
+            p.state = PodState::NotReady;
+            p.clone()
         };
         self.destroy(&rec)?;
         lock(&self.pods).remove(&id);
@@ -478,7 +529,7 @@ impl PodManager {
 
 /// Infra processes of pods that have no record (a crash between spawning the
 /// process and recording it): found by their `pause --pod <id>` command line.
-fn kill_orphan_infras(exe: &Path, pods: &BTreeMap<String, PodRecord>) {
+fn kill_orphan_infras(exe: &Path, pods_dir: &Path, pods: &BTreeMap<String, PodRecord>) {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -491,7 +542,15 @@ fn kill_orphan_infras(exe: &Path, pods: &BTreeMap<String, PodRecord>) {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.len() < 4 || args[0] != exe || args[1] != b"pause" || args[2] != b"--pod" {
+        // Only this daemon's own infra processes: another berth (another
+        // root) on the same host owns its own.
+        let ours = args.len() >= 6
+            && args[0] == exe
+            && args[1] == b"pause"
+            && args[2] == b"--pod"
+            && args[4] == b"--pods-dir"
+            && args[5] == pods_dir.as_os_str().as_encoded_bytes();
+        if !ours {
             continue;
         }
         let id = String::from_utf8_lossy(args[3]).into_owned();

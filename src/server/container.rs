@@ -32,7 +32,24 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
             "CreateContainer: config.image.image is required",
         ));
     }
-    let sc = c.linux.and_then(|l| l.security_context).unwrap_or_default();
+    let linux = c.linux.unwrap_or_default();
+    let sc = linux.security_context.unwrap_or_default();
+    let r = linux.resources.unwrap_or_default();
+    let resources = crate::cgroup::Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit: r.memory_limit_in_bytes,
+        memory_swap_limit: r.memory_swap_limit_in_bytes,
+        cpuset_cpus: r.cpuset_cpus,
+        cpuset_mems: r.cpuset_mems,
+        hugepage_limits: r
+            .hugepage_limits
+            .into_iter()
+            .map(|h| (h.page_size, h.limit))
+            .collect(),
+        unified: r.unified.into_iter().collect(),
+    };
     let mut mounts = Vec::new();
     for m in c.mounts {
         if m.image.is_some() {
@@ -79,6 +96,7 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         host_pid: sc
             .namespace_options
             .is_some_and(|n| n.pid == cri::NamespaceMode::Node as i32),
+        resources,
     })
 }
 
@@ -94,6 +112,7 @@ pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {
         hostname: p.hostname().to_string(),
         files_dir: pods_dir.join(&p.id),
         log_directory: p.spec.log_directory.clone(),
+        cgroup_parent: p.spec.cgroup_parent.clone(),
     }
 }
 

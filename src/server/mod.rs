@@ -58,7 +58,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 pub struct Daemon {
     pub config: Config,
     pub images: ImageManager,
-    pub pods: PodManager,
+    pub pods: Arc<PodManager>,
     pub containers: Arc<ContainerManager>,
 }
 
@@ -105,7 +105,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let images = ImageManager::open(&config)?;
     let pods = PodManager::open(&config.root, &config.state_dir)?;
-    let containers = ContainerManager::open(&config.root, images.image_fs_dir())?;
+    let cgroups =
+        crate::cgroup::Cgroups::new(config.cgroup.mode, config.cgroup.allow_missing_controllers);
+    tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
+    let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
     let daemon = Arc::new(Daemon {
         config,
         images,

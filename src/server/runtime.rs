@@ -380,9 +380,32 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn exec_sync(
+        &self,
+        req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let req = req.into_inner();
+        rpc("ExecSync", &req.container_id.clone(), async {
+            let timeout =
+                (req.timeout > 0).then(|| std::time::Duration::from_secs(req.timeout as u64));
+            let d = self.0.clone();
+            let out = tokio::task::spawn_blocking(move || {
+                d.containers.exec_sync(&req.container_id, &req.cmd, timeout)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("exec task: {e}")))?
+            .map_err(container::status_of)?;
+            Ok(cri::ExecSyncResponse {
+                stdout: out.stdout,
+                stderr: out.stderr,
+                exit_code: out.exit_code,
+            })
+        })
+        .await
+    }
+
     not_yet! {
         update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse = "UpdateContainerResources";
-        exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse = "ExecSync";
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";

@@ -37,7 +37,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // Unique per write: two threads may replace the same file at once.
+    let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
