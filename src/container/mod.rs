@@ -305,7 +305,9 @@ impl ContainerManager {
             Some(x) => {
                 rec.exit_code = x.exit_code;
                 rec.finished_at = x.finished_at;
-                rec.reason = if x.exit_code == 0 {
+                rec.reason = if x.oom_killed {
+                    "OOMKilled"
+                } else if x.exit_code == 0 {
                     "Completed"
                 } else {
                     "Error"
