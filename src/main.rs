@@ -4,6 +4,7 @@ mod cgroup;
 mod check;
 mod config;
 mod container;
+mod failpoint;
 mod image;
 mod linux;
 mod monitor;

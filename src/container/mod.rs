@@ -249,6 +249,14 @@ impl ContainerManager {
                 }
                 ContainerState::Created | ContainerState::Running => {
                     let mon = rec.monitor;
+                    let mut rec = rec;
+                    if rec.state == ContainerState::Created && self.init_has_exec_d(&rec) {
+                        // StartContainer let the init go but berth died before
+                        // recording it: the container runs.
+                        rec.state = ContainerState::Running;
+                        rec.started_at = now_ns();
+                        let _ = self.persist(&rec);
+                    }
                     lock(&self.records).insert(id.clone(), rec);
                     match mon {
                         Some(m) if process::is_alive(m.into()) => self.watch(id, m),
@@ -260,6 +268,26 @@ impl ContainerManager {
                 }
             }
         }
+    }
+
+    /// Whether the init has left the exec fifo and run the workload: until
+    /// then it is berth's own binary.
+    fn init_has_exec_d(&self, rec: &ContainerRecord) -> bool {
+        let Some(init) = rec.init else {
+            return false;
+        };
+        if !process::is_alive(init.into()) {
+            return false;
+        }
+        // Before exec the init carries berth's command name; the workload's
+        // own afterwards (a workload named "berth" would read as not started).
+        let berth = self
+            .exe
+            .file_name()
+            .map(|n| n.to_string_lossy().chars().take(15).collect::<String>())
+            .unwrap_or_default();
+        std::fs::read_to_string(format!("/proc/{}/comm", init.pid))
+            .is_ok_and(|comm| comm.trim_end() != berth)
     }
 
     /// Kills what a record names and deletes its directory.
@@ -522,6 +550,7 @@ impl ContainerManager {
         let io = |what: &'static str| internal(&id, what);
         std::fs::create_dir(&dir).map_err(|e| io("create directory")(e.to_string()))?;
         self.persist(rec)?;
+        crate::failpoint::hit("ctr-after-record");
         if let Some(cg) = &rec.cgroup {
             self.cgroups
                 .create(cg, &rec.spec.resources)
@@ -607,6 +636,10 @@ impl ContainerManager {
             pid: mon_pid,
             start_time: process::start_time(mon_pid).unwrap_or(0),
         });
+        // Recorded before waiting for it: a restart must be able to kill a
+        // monitor (and with it, through its parent-death signal, the init).
+        self.persist(rec)?;
+        crate::failpoint::hit("ctr-after-monitor");
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             let _ = std::io::BufReader::new(out).read_line(&mut line);
@@ -629,6 +662,7 @@ impl ContainerManager {
             start_time: created.start_time,
         });
         rec.start_error = created.start_error;
+        crate::failpoint::hit("ctr-before-created");
         rec.state = ContainerState::Created;
         self.persist(rec)
     }
@@ -663,6 +697,7 @@ impl ContainerManager {
                 reason: format!("the container process did not start: {e}"),
             }
         })?;
+        crate::failpoint::hit("ctr-start-after-fifo");
         let _ = std::fs::remove_file(&fifo);
         self.update(&id, |r| {
             if r.state == ContainerState::Created {

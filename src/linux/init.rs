@@ -72,6 +72,14 @@ pub fn spawn(plan: &InitPlan<'_>, new_pid: bool) -> Result<i32, LinuxError> {
 enum Never {}
 
 fn run(p: &InitPlan<'_>) -> Result<Never, String> {
+    // If the monitor dies (killed during recovery of a half-made container),
+    // the init must not linger without anyone to report its exit.
+    let monitor = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("set parent-death signal: {e}"))?;
+    if nix::unistd::getppid() != monitor {
+        return Err("the monitor exited".into());
+    }
     if let Some(cg) = p.cgroup {
         std::fs::write(cg.join("cgroup.procs"), "0")
             .map_err(|e| format!("enter cgroup {}: {e}", cg.display()))?;

@@ -353,6 +353,7 @@ impl PodManager {
                 source,
             })?;
             self.persist(&rec)?;
+            crate::failpoint::hit("pod-after-record");
             self.write_files(&rec)?;
             let kernel = |source| PodError::Kernel {
                 id: id.clone(),
@@ -360,6 +361,7 @@ impl PodManager {
             };
             if let Some(pin) = &rec.netns {
                 netns::create_pinned(pin).map_err(kernel)?;
+                crate::failpoint::hit("pod-after-netns");
             }
             let host_uts = rec.spec.network == NsMode::Node;
             let ns = Namespaces {
@@ -376,6 +378,7 @@ impl PodManager {
                 &ns,
             )
             .map_err(kernel)?;
+            crate::failpoint::hit("pod-after-infra");
             rec.infra = Some(Infra {
                 pid: p.pid,
                 start_time: p.start_time,
@@ -485,6 +488,7 @@ impl PodManager {
                 }
             })?;
         }
+        crate::failpoint::hit("pod-stop-after-kill");
         if rec.state != PodState::NotReady {
             rec.state = PodState::NotReady;
             self.persist(&rec)?;
