@@ -749,3 +749,69 @@ async fn exec_sync_runs_inside_the_container() {
     assert_eq!(r.exit_code, 127);
     env.finish().await;
 }
+
+#[tokio::test]
+async fn stop_signal_and_oom_score_adj() {
+    let mut env = start().await;
+    let pod = env.pod("sigpod").await;
+    let mut cfg = sh(
+        "usr1",
+        "trap 'echo got-usr1; exit 0' USR1; cat /proc/self/oom_score_adj; while true; do sleep 0.1; done",
+    );
+    cfg.stop_signal = cri::Signal::Sigusr1 as i32;
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            oom_score_adj: 500,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = env.create(&pod, cfg).await.unwrap();
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.rt
+        .stop_container(cri::StopContainerRequest {
+            container_id: id.clone(),
+            timeout: 30,
+        })
+        .await
+        .unwrap();
+    let s = env.status(&id).await;
+    assert_eq!(s.exit_code, 0, "the CRI stop signal was sent");
+    assert_eq!(s.stop_signal, cri::Signal::Sigusr1 as i32);
+    let out = env.output("sigpod", "usr1");
+    assert!(out.contains("got-usr1"), "{out}");
+    assert!(out.starts_with("500"), "{out}");
+    // Below berth's own value without CAP_SYS_RESOURCE: raised to berth's.
+    let own: i64 =
+        std::fs::read_to_string(format!("/proc/{}/oom_score_adj", env.berth.pid().unwrap()))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let mut low = sh("low", "cat /proc/self/oom_score_adj");
+    low.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            oom_score_adj: -999,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = env.create(&pod, low).await.unwrap();
+    env.rt
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let s = env.wait_exit(&id).await;
+    assert_eq!(s.exit_code, 0);
+    let got: i64 = env.output("sigpod", "low").trim().parse().unwrap();
+    assert!(got == own || got == -999, "got {got}, berth's own {own}");
+    env.finish().await;
+}

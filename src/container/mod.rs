@@ -93,6 +93,11 @@ pub struct ContainerSpec {
     pub run_as_username: String,
     pub host_pid: bool,
     pub resources: crate::cgroup::Resources,
+    /// From the CRI config ("SIGTERM"...); empty: the image's, else SIGTERM.
+    #[serde(default)]
+    pub stop_signal: String,
+    #[serde(default)]
+    pub oom_score_adj: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -519,7 +524,11 @@ impl ContainerManager {
             groups: vec![],
             env: spec::process_env(&spec, &img),
             cwd: String::new(),
-            stop_signal: img.stop_signal.clone(),
+            stop_signal: if spec.stop_signal.is_empty() {
+                img.stop_signal.clone()
+            } else {
+                spec.stop_signal.clone()
+            },
             start_error: None,
             cgroup: self.cgroups.path_for(&pod.cgroup_parent, &id),
             spec,
@@ -587,6 +596,7 @@ impl ContainerManager {
             hostname: &pod.hostname,
             files_dir: &pod.files_dir,
         };
+        let oom = effective_oom_score_adj(&rec.id, rec.spec.oom_score_adj);
         let oci = spec::build(
             &rec.spec,
             img,
@@ -595,6 +605,7 @@ impl ContainerManager {
             rec.uid,
             rec.gid,
             &rec.groups,
+            oom,
         )
         .map_err(|reason| {
             ContainerError::Invalid(format!("container {}: {reason}", rec.spec.name))
@@ -1012,21 +1023,70 @@ fn open_fifo_and_wait(fifo: &Path, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// The oom_score_adj the container gets. Lowering it below berth's own needs
+/// CAP_SYS_RESOURCE; without it the value is raised to berth's own (as
+/// kubelet's guaranteed pods ask for -997 on nodes that cannot grant it).
+fn effective_oom_score_adj(id: &str, wanted: i64) -> i64 {
+    let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if wanted >= own || has_cap_sys_resource() {
+        return wanted.clamp(-1000, 1000);
+    }
+    tracing::warn!(
+        container = id,
+        wanted,
+        own,
+        "oom_score_adj below berth's own needs CAP_SYS_RESOURCE: using berth's"
+    );
+    own
+}
+
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// A signal name ("SIGTERM", "TERM") or number, as images and CRI give it.
 fn parse_signal(s: &str) -> Option<rustix::process::Signal> {
-    use rustix::process::Signal;
-    let name = s.trim().to_ascii_uppercase();
-    let name = name.strip_prefix("SIG").unwrap_or(&name);
-    Some(match name {
-        "" => return None,
-        "TERM" | "15" => Signal::TERM,
-        "KILL" | "9" => Signal::KILL,
-        "INT" | "2" => Signal::INT,
-        "QUIT" | "3" => Signal::QUIT,
-        "HUP" | "1" => Signal::HUP,
-        "USR1" | "10" => Signal::USR1,
-        "USR2" | "12" => Signal::USR2,
-        "WINCH" | "28" => Signal::WINCH,
-        "STOP" | "19" => Signal::STOP,
-        _ => return None,
-    })
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let num = match s.parse::<i32>() {
+        Ok(n) => n,
+        Err(_) => {
+            let upper = s.to_ascii_uppercase();
+            let name = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            name.parse::<nix::sys::signal::Signal>().ok()? as i32
+        }
+    };
+    rustix::process::Signal::from_named_raw(num)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        use rustix::process::Signal;
+        assert_eq!(parse_signal("SIGTERM"), Some(Signal::TERM));
+        assert_eq!(parse_signal("quit"), Some(Signal::QUIT));
+        assert_eq!(parse_signal("9"), Some(Signal::KILL));
+        assert_eq!(parse_signal("SIGRTMIN+3"), None);
+        assert_eq!(parse_signal(""), None);
+    }
 }

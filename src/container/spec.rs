@@ -111,6 +111,7 @@ pub fn build(
     uid: u32,
     gid: u32,
     groups: &[u32],
+    oom_score_adj: i64,
 ) -> Result<Spec, String> {
     let args = process_args(c, img);
     if args.is_empty() {
@@ -191,6 +192,7 @@ pub fn build(
             "args": args,
             "env": env,
             "cwd": cwd,
+            "oomScoreAdj": oom_score_adj,
         },
         "root": {"path": rootfs, "readonly": false},
         "hostname": pod.hostname,

@@ -155,6 +155,10 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let start_error =
         resolve_executable(args.first().map(String::as_str).unwrap_or(""), &env).err();
 
+    if let Some(adj) = process.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
+    }
     let user = process.user();
     let groups: Vec<Gid> = user
         .additional_gids()

@@ -35,6 +35,7 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     let linux = c.linux.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
     let r = linux.resources.unwrap_or_default();
+    let oom_score_adj = r.oom_score_adj;
     let resources = crate::cgroup::Resources {
         cpu_period: r.cpu_period,
         cpu_quota: r.cpu_quota,
@@ -97,6 +98,11 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
             .namespace_options
             .is_some_and(|n| n.pid == cri::NamespaceMode::Node as i32),
         resources,
+        oom_score_adj,
+        stop_signal: match cri::Signal::try_from(c.stop_signal) {
+            Ok(cri::Signal::RuntimeDefault) | Err(_) => String::new(),
+            Ok(s) => s.as_str_name().to_string(),
+        },
     })
 }
 
@@ -214,7 +220,9 @@ pub fn to_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 supplemental_groups: c.groups.iter().map(|g| *g as i64).collect(),
             }),
         }),
-        stop_signal: 0,
+        stop_signal: cri::Signal::from_str_name(&c.stop_signal.to_ascii_uppercase())
+            .map(|s| s as i32)
+            .unwrap_or(0),
     }
 }
 
