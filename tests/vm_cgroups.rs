@@ -137,6 +137,27 @@ async fn vm_limits_oom_and_cleanup() {
     // The container's process is in that cgroup before it runs.
     let procs = read("cgroup.procs");
     assert_eq!(procs.lines().count(), 1, "{procs}");
+    // Inside, its own cgroup is the root of a read-only cgroupfs.
+    let exec = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /proc/1/cgroup; cat /sys/fs/cgroup/memory.max; touch /sys/fs/cgroup/x 2>/dev/null || echo cgroupfs-ro".into(),
+            ],
+            timeout: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = String::from_utf8_lossy(&exec.stdout);
+    assert_eq!(
+        out,
+        format!("0::/\n{}\ncgroupfs-ro\n", 96u64 << 20),
+        "stderr: {}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
 
     // Allocating past memory.max: OOM-killed, reported as OOMKilled/137.
     let oom = rt

@@ -595,6 +595,7 @@ impl ContainerManager {
             host_uts: pod.host_uts,
             hostname: &pod.hostname,
             files_dir: &pod.files_dir,
+            cgroup: rec.cgroup.is_some(),
         };
         let oom = effective_oom_score_adj(&rec.id, rec.spec.oom_score_adj);
         let oci = spec::build(

@@ -54,6 +54,9 @@ pub struct PodContext<'a> {
     pub hostname: &'a str,
     /// Directory holding the pod's hostname, hosts and resolv.conf.
     pub files_dir: &'a Path,
+    /// The container has its own cgroup: give it a cgroup namespace and a
+    /// read-only cgroup2 mount showing that cgroup as the root.
+    pub cgroup: bool,
 }
 
 /// The process args as kubelet expects them merged: CRI command replaces the
@@ -136,6 +139,9 @@ pub fn build(
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
     ];
+    if pod.cgroup {
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    }
     let cri_dests: Vec<&str> = c.mounts.iter().map(|m| m.container_path.as_str()).collect();
     for (file, dest) in [
         ("hostname", "/etc/hostname"),
@@ -169,6 +175,9 @@ pub fn build(
         }));
     }
     let mut namespaces = vec![json!({"type": "mount"})];
+    if pod.cgroup {
+        namespaces.push(json!({"type": "cgroup"}));
+    }
     if let Some(p) = pod.netns {
         namespaces.push(json!({"type": "network", "path": p}));
     }

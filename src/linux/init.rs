@@ -80,11 +80,21 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     if nix::unistd::getppid() != monitor {
         return Err("the monitor exited".into());
     }
+    let spec = p.spec;
     if let Some(cg) = p.cgroup {
         std::fs::write(cg.join("cgroup.procs"), "0")
             .map_err(|e| format!("enter cgroup {}: {e}", cg.display()))?;
+        let wants_cgroupns = spec.linux().as_ref().is_some_and(|l| {
+            l.namespaces().as_deref().unwrap_or(&[]).iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none()
+            })
+        });
+        if wants_cgroupns {
+            // Unshared after entering: the container's cgroup is its root.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+                .map_err(|e| format!("new cgroup namespace: {e}"))?;
+        }
     }
-    let spec = p.spec;
     let root = spec
         .root()
         .as_ref()
