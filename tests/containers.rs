@@ -815,3 +815,34 @@ async fn stop_signal_and_oom_score_adj() {
     assert!(got == own || got == -999, "got {got}, berth's own {own}");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn containers_of_a_pod_share_dev_shm() {
+    let mut env = start().await;
+    let pod = env.pod("shmpod").await;
+    let writer = env
+        .run(&pod, "writer", "echo shared > /dev/shm/token")
+        .await;
+    assert_eq!(env.wait_exit(&writer).await.exit_code, 0);
+    let reader = env
+        .run(
+            &pod,
+            "reader",
+            "cat /dev/shm/token; grep ' /dev/shm ' /proc/mounts | grep -c tmpfs",
+        )
+        .await;
+    assert_eq!(env.wait_exit(&reader).await.exit_code, 0);
+    assert_eq!(env.output("shmpod", "reader"), "shared\n1");
+    // Another pod does not see it.
+    let other = env.pod("shmpod2").await;
+    let probe = env
+        .run(
+            &other,
+            "probe",
+            "test -e /dev/shm/token && echo seen || echo unseen",
+        )
+        .await;
+    env.wait_exit(&probe).await;
+    assert_eq!(env.output("shmpod2", "probe"), "unseen");
+    env.finish().await;
+}

@@ -174,6 +174,7 @@ pub struct PodInfo {
     pub files_dir: PathBuf,
     pub log_directory: String,
     pub cgroup_parent: String,
+    pub shm: Option<PathBuf>,
 }
 
 pub struct ContainerManager {
@@ -596,6 +597,7 @@ impl ContainerManager {
             hostname: &pod.hostname,
             files_dir: &pod.files_dir,
             cgroup: rec.cgroup.is_some(),
+            shm: pod.shm.as_deref(),
         };
         let oom = effective_oom_score_adj(&rec.id, rec.spec.oom_score_adj);
         let oci = spec::build(

@@ -57,6 +57,8 @@ pub struct PodContext<'a> {
     /// The container has its own cgroup: give it a cgroup namespace and a
     /// read-only cgroup2 mount showing that cgroup as the root.
     pub cgroup: bool,
+    /// The pod's shared /dev/shm (host's /dev/shm for host-IPC pods).
+    pub shm: Option<&'a Path>,
 }
 
 /// The process args as kubelet expects them merged: CRI command replaces the
@@ -135,7 +137,14 @@ pub fn build(
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        match pod.shm {
+            Some(p) => {
+                json!({"destination": "/dev/shm", "type": "bind", "source": p, "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev"]})
+            }
+            None => {
+                json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+            }
+        },
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
     ];

@@ -5,6 +5,7 @@ pub mod exec;
 pub mod init;
 pub mod netns;
 pub mod process;
+pub mod shm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {

@@ -18,6 +18,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 const INFRA_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Size of a pod's /dev/shm, as containerd and CRI-O default it.
+const SHM_SIZE: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -115,6 +117,9 @@ pub struct PodRecord {
     pub created_at: i64,
     /// The netns pin; `None` for host-network pods.
     pub netns: Option<PathBuf>,
+    /// The pod's /dev/shm tmpfs; `None` for host-IPC pods (they use the host's).
+    #[serde(default)]
+    pub shm: Option<PathBuf>,
     pub infra: Option<Infra>,
 }
 
@@ -292,6 +297,9 @@ impl PodManager {
         if let Some(pin) = &rec.netns {
             netns::remove_pin(pin).map_err(kernel)?;
         }
+        if let Some(shm) = &rec.shm {
+            crate::linux::shm::remove_shm(shm).map_err(kernel)?;
+        }
         let dir = self.pods_dir.join(&rec.id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PodError::Io {
@@ -341,6 +349,7 @@ impl PodManager {
         let mut rec = PodRecord {
             id: id.clone(),
             netns: (spec.network != NsMode::Node).then(|| self.netns_dir.join(&id)),
+            shm: (spec.ipc != NsMode::Node).then(|| dir.join("shm")),
             spec,
             state: PodState::Creating,
             created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
@@ -362,6 +371,9 @@ impl PodManager {
             if let Some(pin) = &rec.netns {
                 netns::create_pinned(pin).map_err(kernel)?;
                 crate::failpoint::hit("pod-after-netns");
+            }
+            if let Some(shm) = &rec.shm {
+                crate::linux::shm::mount_shm(shm, SHM_SIZE).map_err(kernel)?;
             }
             let host_uts = rec.spec.network == NsMode::Node;
             let ns = Namespaces {

@@ -119,6 +119,11 @@ pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {
         files_dir: pods_dir.join(&p.id),
         log_directory: p.spec.log_directory.clone(),
         cgroup_parent: p.spec.cgroup_parent.clone(),
+        shm: match (&p.shm, p.spec.ipc) {
+            (Some(s), _) => Some(s.clone()),
+            (None, NsMode::Node) => Some(std::path::PathBuf::from("/dev/shm")),
+            (None, _) => None,
+        },
     }
 }
 
