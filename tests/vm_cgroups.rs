@@ -100,6 +100,16 @@ async fn vm_limits_oom_and_cleanup() {
         .into_inner()
         .pod_sandbox_id;
 
+    // The infra process lives in the sandbox's own cgroup under the parent.
+    let pod_cg = Path::new("/sys/fs/cgroup").join(parent).join(&pod);
+    let infra_procs = std::fs::read_to_string(pod_cg.join("cgroup.procs")).unwrap();
+    assert_eq!(
+        infra_procs.lines().count(),
+        1,
+        "infra in {}: {infra_procs}",
+        pod_cg.display()
+    );
+
     // Limits land in the container's cgroup files.
     let limited = cri::LinuxContainerResources {
         cpu_period: 100_000,
@@ -242,6 +252,7 @@ async fn vm_limits_oom_and_cleanup() {
     .await
     .unwrap();
     assert!(!cg.exists(), "container cgroup removed");
+    assert!(!pod_cg.exists(), "sandbox cgroup removed");
     let dir = berth.dir.clone();
     drop(rt);
     drop(im);

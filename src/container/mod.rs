@@ -178,7 +178,7 @@ pub struct PodInfo {
 }
 
 pub struct ContainerManager {
-    cgroups: crate::cgroup::Cgroups,
+    cgroups: Arc<crate::cgroup::Cgroups>,
     dir: PathBuf,
     layers_dir: PathBuf,
     exe: PathBuf,
@@ -199,7 +199,7 @@ impl ContainerManager {
     pub fn open(
         root: &Path,
         layers_dir: &Path,
-        cgroups: crate::cgroup::Cgroups,
+        cgroups: Arc<crate::cgroup::Cgroups>,
     ) -> Result<Arc<ContainerManager>, ContainerError> {
         let dir = root.join("containers");
         std::fs::create_dir_all(&dir)

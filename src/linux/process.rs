@@ -19,6 +19,8 @@ pub struct Namespaces<'a> {
     pub new_pid: bool,
     /// Set in the new UTS namespace.
     pub hostname: Option<&'a str>,
+    /// A cgroup v2 directory the process enters before it execs.
+    pub cgroup: Option<&'a Path>,
 }
 
 /// A started process: its pid and the kernel start time that identifies it.
@@ -57,6 +59,13 @@ pub fn spawn_in_namespaces(
         None => None,
     };
     let hostname = ns.hostname.map(|h| h.as_bytes().to_vec());
+    let procs = match ns.cgroup {
+        Some(cg) => Some(
+            CString::new(cg.join("cgroup.procs").as_os_str().as_bytes())
+                .map_err(sys("cgroup path", cg.display()))?,
+        ),
+        None => None,
+    };
     let mut flags = 0;
     if ns.new_ipc {
         flags |= libc::CLONE_NEWIPC;
@@ -84,6 +93,10 @@ pub fn spawn_in_namespaces(
         net_fd,
         host_ptr,
         host_len,
+        procs: procs
+            .as_ref()
+            .map(|c| c.as_ptr())
+            .unwrap_or(std::ptr::null()),
     };
     // SAFETY: the stack is a live, writable buffer and we pass its top (it
     // grows down on x86_64/aarch64). Without CLONE_VM the child runs on a
@@ -114,6 +127,7 @@ struct ChildArgs {
     net_fd: libc::c_int,
     host_ptr: *const u8,
     host_len: usize,
+    procs: *const libc::c_char,
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
@@ -122,6 +136,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // it refers to memory copied the same way. Only raw syscalls follow.
     unsafe {
         let a = &*(arg as *const ChildArgs);
+        if !a.procs.is_null() {
+            let fd = libc::open(a.procs, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(124);
+            }
+            libc::close(fd);
+        }
         if libc::setsid() < 0 {
             libc::_exit(120);
         }

@@ -83,6 +83,10 @@ pub struct PodSpec {
     pub ipc: NsMode,
     pub runtime_handler: String,
     pub cgroup_parent: String,
+    /// Sandbox-level resources (LinuxPodSandboxConfig.resources), applied to
+    /// the infra process's own cgroup.
+    #[serde(default)]
+    pub resources: crate::cgroup::Resources,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +124,9 @@ pub struct PodRecord {
     /// The pod's /dev/shm tmpfs; `None` for host-IPC pods (they use the host's).
     #[serde(default)]
     pub shm: Option<PathBuf>,
+    /// The infra process's cgroup, `<cgroup parent>/<pod id>`, when cgroups are in use.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
     pub infra: Option<Infra>,
 }
 
@@ -142,6 +149,7 @@ pub struct PodFilter {
 }
 
 pub struct PodManager {
+    cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
     pods_dir: PathBuf,
     netns_dir: PathBuf,
     exe: PathBuf,
@@ -156,7 +164,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PodManager {
     /// Loads the pod records and reconciles them with the kernel.
-    pub fn open(root: &Path, state_dir: &Path) -> Result<std::sync::Arc<PodManager>, PodError> {
+    pub fn open(
+        root: &Path,
+        state_dir: &Path,
+        cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
+    ) -> Result<std::sync::Arc<PodManager>, PodError> {
         let io = |what: &str, source| PodError::Io {
             id: String::new(),
             what: what.to_string(),
@@ -169,6 +181,7 @@ impl PodManager {
         }
         let exe = std::env::current_exe().map_err(|e| io("find berth's own binary", e))?;
         let m = PodManager {
+            cgroups,
             pods_dir,
             netns_dir,
             exe,
@@ -300,6 +313,13 @@ impl PodManager {
         if let Some(shm) = &rec.shm {
             crate::linux::shm::remove_shm(shm).map_err(kernel)?;
         }
+        if let Some(cg) = &rec.cgroup {
+            self.cgroups.remove(cg).map_err(|e| PodError::Io {
+                id: rec.id.clone(),
+                what: "remove cgroup".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         let dir = self.pods_dir.join(&rec.id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PodError::Io {
@@ -350,6 +370,7 @@ impl PodManager {
             id: id.clone(),
             netns: (spec.network != NsMode::Node).then(|| self.netns_dir.join(&id)),
             shm: (spec.ipc != NsMode::Node).then(|| dir.join("shm")),
+            cgroup: self.cgroups.path_for(&spec.cgroup_parent, &id),
             spec,
             state: PodState::Creating,
             created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
@@ -375,6 +396,21 @@ impl PodManager {
             if let Some(shm) = &rec.shm {
                 crate::linux::shm::mount_shm(shm, SHM_SIZE).map_err(kernel)?;
             }
+            if let Some(cg) = &rec.cgroup {
+                self.cgroups
+                    .create(cg, &rec.spec.resources)
+                    .map_err(|e| match e {
+                        crate::cgroup::CgroupError::MissingController { .. }
+                        | crate::cgroup::CgroupError::Invalid { .. } => {
+                            PodError::Invalid(e.to_string())
+                        }
+                        e => PodError::Io {
+                            id: id.clone(),
+                            what: "create cgroup".into(),
+                            source: std::io::Error::other(e.to_string()),
+                        },
+                    })?;
+            }
             let host_uts = rec.spec.network == NsMode::Node;
             let ns = Namespaces {
                 join_net: rec.netns.as_deref(),
@@ -382,14 +418,11 @@ impl PodManager {
                 new_uts: !host_uts,
                 new_pid: rec.spec.pid == NsMode::Pod,
                 hostname: (!host_uts).then(|| rec.hostname()),
+                cgroup: rec.cgroup.as_deref(),
             };
             let pods_dir = self.pods_dir.display().to_string();
-            let p = process::spawn_in_namespaces(
-                &self.exe,
-                &["pause", "--pod", &id, "--pods-dir", &pods_dir],
-                &ns,
-            )
-            .map_err(kernel)?;
+            let args = ["pause", "--pod", &id, "--pods-dir", &pods_dir];
+            let p = process::spawn_in_namespaces(&self.exe, &args, &ns).map_err(kernel)?;
             crate::failpoint::hit("pod-after-infra");
             rec.infra = Some(Infra {
                 pid: p.pid,

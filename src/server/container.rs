@@ -36,21 +36,7 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     let sc = linux.security_context.unwrap_or_default();
     let r = linux.resources.unwrap_or_default();
     let oom_score_adj = r.oom_score_adj;
-    let resources = crate::cgroup::Resources {
-        cpu_period: r.cpu_period,
-        cpu_quota: r.cpu_quota,
-        cpu_shares: r.cpu_shares,
-        memory_limit: r.memory_limit_in_bytes,
-        memory_swap_limit: r.memory_swap_limit_in_bytes,
-        cpuset_cpus: r.cpuset_cpus,
-        cpuset_mems: r.cpuset_mems,
-        hugepage_limits: r
-            .hugepage_limits
-            .into_iter()
-            .map(|h| (h.page_size, h.limit))
-            .collect(),
-        unified: r.unified.into_iter().collect(),
-    };
+    let resources = resources_from(r);
     let mut mounts = Vec::new();
     for m in c.mounts {
         if m.image.is_some() {
@@ -104,6 +90,25 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
             Ok(s) => s.as_str_name().to_string(),
         },
     })
+}
+
+/// CRI LinuxContainerResources -> the cgroup limits they ask for.
+pub fn resources_from(r: cri::LinuxContainerResources) -> crate::cgroup::Resources {
+    crate::cgroup::Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit: r.memory_limit_in_bytes,
+        memory_swap_limit: r.memory_swap_limit_in_bytes,
+        cpuset_cpus: r.cpuset_cpus,
+        cpuset_mems: r.cpuset_mems,
+        hugepage_limits: r
+            .hugepage_limits
+            .into_iter()
+            .map(|h| (h.page_size, h.limit))
+            .collect(),
+        unified: r.unified.into_iter().collect(),
+    }
 }
 
 pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {

@@ -104,10 +104,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _sock_lock = take_lock("socket", &config.socket, PathBuf::from(sock_lock_path))?;
 
     let images = ImageManager::open(&config)?;
-    let pods = PodManager::open(&config.root, &config.state_dir)?;
-    let cgroups =
-        crate::cgroup::Cgroups::new(config.cgroup.mode, config.cgroup.allow_missing_controllers);
+    let cgroups = Arc::new(crate::cgroup::Cgroups::new(
+        config.cgroup.mode,
+        config.cgroup.allow_missing_controllers,
+    ));
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
+    let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
     let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
     let daemon = Arc::new(Daemon {
         config,

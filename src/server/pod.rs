@@ -78,6 +78,10 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         ipc: ns_mode(opts.ipc)?,
         runtime_handler: req.runtime_handler,
         cgroup_parent: linux.cgroup_parent,
+        resources: linux
+            .resources
+            .map(super::container::resources_from)
+            .unwrap_or_default(),
     })
 }
 
@@ -154,7 +158,7 @@ pub fn verbose_info(p: &PodRecord, exe: &str) -> HashMap<String, String> {
     let info = serde_json::json!({
         "pid": p.infra.map(|i| i.pid).unwrap_or(0),
         "netnsPath": netns,
-        "cgroupPath": p.spec.cgroup_parent,
+        "cgroupPath": p.cgroup.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
         "runtimeHandler": p.spec.runtime_handler,
         "runtimeSpec": {
             "ociVersion": "1.2.0",
