@@ -7,13 +7,13 @@ pub mod spec;
 use crate::image::store::{hex_of, ImageRecord};
 use crate::linux::process::{self, ProcessId};
 use crate::monitor::{Created, ExitRecord, MonitorConfig};
-use crate::store::{read_json, write_json, StoreError};
+use crate::store::{lock, read_json, resolve_id, write_json, IdMatch, StoreError};
 use serde::{Deserialize, Serialize};
 use spec::{ImageDefaults, PodContext};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -183,10 +183,6 @@ pub struct ContainerManager {
     layers_dir: PathBuf,
     exe: PathBuf,
     records: Mutex<BTreeMap<String, ContainerRecord>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn now_ns() -> i64 {
@@ -373,18 +369,10 @@ impl ContainerManager {
     }
 
     fn resolve(&self, id: &str) -> Result<String, ContainerError> {
-        let recs = lock(&self.records);
-        if recs.contains_key(id) {
-            return Ok(id.to_string());
-        }
-        if id.is_empty() {
-            return Err(ContainerError::NotFound(id.to_string()));
-        }
-        let mut m = recs.keys().filter(|k| k.starts_with(id));
-        match (m.next(), m.next()) {
-            (Some(k), None) => Ok(k.clone()),
-            (Some(_), Some(_)) => Err(ContainerError::Ambiguous(id.to_string())),
-            _ => Err(ContainerError::NotFound(id.to_string())),
+        match resolve_id(&lock(&self.records), id) {
+            IdMatch::Found(k) => Ok(k),
+            IdMatch::Ambiguous => Err(ContainerError::Ambiguous(id.to_string())),
+            IdMatch::NotFound => Err(ContainerError::NotFound(id.to_string())),
         }
     }
 

@@ -10,11 +10,11 @@ pub mod pause;
 
 use crate::linux::process::{self, Namespaces, ProcessId};
 use crate::linux::{netns, LinuxError};
-use crate::store::{read_json, write_json, StoreError};
+use crate::store::{lock, read_json, resolve_id, write_json, IdMatch, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
 const INFRA_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,10 +156,6 @@ pub struct PodManager {
     pods: Mutex<BTreeMap<String, PodRecord>>,
     /// Serialises Run/Stop/Remove: each touches several kernel objects.
     ops: Mutex<()>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl PodManager {
@@ -469,18 +465,10 @@ impl PodManager {
 
     /// The full id for an id or unambiguous id prefix.
     fn resolve(&self, id: &str) -> Result<String, PodError> {
-        let pods = lock(&self.pods);
-        if pods.contains_key(id) {
-            return Ok(id.to_string());
-        }
-        if id.is_empty() {
-            return Err(PodError::NotFound(id.to_string()));
-        }
-        let mut m = pods.keys().filter(|k| k.starts_with(id));
-        match (m.next(), m.next()) {
-            (Some(k), None) => Ok(k.clone()),
-            (Some(_), Some(_)) => Err(PodError::Ambiguous(id.to_string())),
-            _ => Err(PodError::NotFound(id.to_string())),
+        match resolve_id(&lock(&self.pods), id) {
+            IdMatch::Found(k) => Ok(k),
+            IdMatch::Ambiguous => Err(PodError::Ambiguous(id.to_string())),
+            IdMatch::NotFound => Err(PodError::NotFound(id.to_string())),
         }
     }
 

@@ -84,9 +84,55 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Locks a state mutex; a panic while it was held leaves plain data behind,
+/// so keep serving rather than poisoning every later RPC.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How an id or id prefix matched the keys of an index.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdMatch {
+    Found(String),
+    NotFound,
+    Ambiguous,
+}
+
+/// Finds `id` exactly, or as the unambiguous prefix of one key.
+pub fn resolve_id<V>(index: &std::collections::BTreeMap<String, V>, id: &str) -> IdMatch {
+    if index.contains_key(id) {
+        return IdMatch::Found(id.to_string());
+    }
+    if id.is_empty() {
+        return IdMatch::NotFound;
+    }
+    let mut m = index
+        .range(id.to_string()..)
+        .map(|(k, _)| k)
+        .take_while(|k| k.starts_with(id));
+    match (m.next(), m.next()) {
+        (Some(k), None) => IdMatch::Found(k.clone()),
+        (Some(_), Some(_)) => IdMatch::Ambiguous,
+        _ => IdMatch::NotFound,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_prefixes() {
+        let m: std::collections::BTreeMap<String, ()> = ["abc1", "abc2", "b"]
+            .iter()
+            .map(|k| (k.to_string(), ()))
+            .collect();
+        assert_eq!(resolve_id(&m, "b"), IdMatch::Found("b".into()));
+        assert_eq!(resolve_id(&m, "abc1"), IdMatch::Found("abc1".into()));
+        assert_eq!(resolve_id(&m, "abc"), IdMatch::Ambiguous);
+        assert_eq!(resolve_id(&m, "c"), IdMatch::NotFound);
+        assert_eq!(resolve_id(&m, ""), IdMatch::NotFound);
+    }
 
     #[test]
     fn atomic_roundtrip_and_no_temp_left() {
