@@ -185,6 +185,9 @@ pub struct ContainerManager {
     records: Mutex<BTreeMap<String, ContainerRecord>>,
 }
 
+/// How long a monitor may take to set the container up and answer.
+const MONITOR_ANSWER_TIMEOUT_MS: u16 = 60_000;
+
 fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
 }
@@ -644,7 +647,22 @@ impl ContainerManager {
         crate::failpoint::hit("ctr-after-monitor");
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
-            let _ = std::io::BufReader::new(out).read_line(&mut line);
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            use std::os::fd::AsFd;
+            // A setup that hangs (a stuck mount source, say) must not hang
+            // CreateContainer: the monitor is killed by the cleanup instead.
+            let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(MONITOR_ANSWER_TIMEOUT_MS)) {
+                Ok(n) if n > 0 => {
+                    let _ = std::io::BufReader::new(out).read_line(&mut line);
+                }
+                _ => {
+                    return Err(io("start monitor")(format!(
+                        "the container was not set up within {} s",
+                        MONITOR_ANSWER_TIMEOUT_MS / 1000
+                    )))
+                }
+            }
         }
         // The monitor lives on; its exit is reaped by the watcher.
         drop(child);
