@@ -1,9 +1,14 @@
 //! berth-bench: a small CRI client used by berth's benchmark scripts
 //! (`scripts/bench-*`). Each subcommand performs one kind of measurement
-//! against a CRI endpoint and prints its result as one JSON line on stdout.
+//! against a CRI endpoint and prints its results as JSON lines on stdout
+//! (`lifecycle` one line per section, as each completes, plus tables on
+//! stderr).
 
 mod client;
+mod lifecycle;
+mod procmem;
 mod pull;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -27,13 +32,18 @@ struct Cli {
 enum Cmd {
     /// Time one PullImage (optionally after RemoveImage) and report the image.
     Pull(pull::Args),
+    /// Time pod/container lifecycle RPCs; optionally memory with many pods
+    /// held and ListContainers with many containers.
+    Lifecycle(Box<lifecycle::Args>),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(result) => {
-            println!("{result}");
+            if let Some(result) = result {
+                println!("{result}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -43,9 +53,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<serde_json::Value> {
+/// Runs the subcommand; a returned value is printed as its JSON line.
+async fn run(cli: Cli) -> anyhow::Result<Option<serde_json::Value>> {
     let channel = client::connect(&cli.endpoint).await?;
     match cli.cmd {
-        Cmd::Pull(args) => pull::run(channel, args).await,
+        Cmd::Pull(args) => pull::run(channel, args).await.map(Some),
+        Cmd::Lifecycle(args) => lifecycle::run(channel, *args).await.map(|()| None),
     }
 }
