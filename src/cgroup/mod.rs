@@ -167,6 +167,34 @@ impl Cgroups {
         self.mount.is_some()
     }
 
+    /// Without cgroups no limit can be applied: asking for one is an error
+    /// naming its controller, unless missing controllers are tolerated.
+    pub fn check_applicable(&self, what: &str, res: &Resources) -> Result<(), CgroupError> {
+        if self.enabled() {
+            return Ok(());
+        }
+        let Some((file, _, controller)) = res.files()?.into_iter().next() else {
+            return Ok(());
+        };
+        if self.allow_missing {
+            tracing::warn!(
+                object = what,
+                file,
+                "no usable cgroup v2 on this host: limit not applied"
+            );
+            return Ok(());
+        }
+        Err(CgroupError::MissingController {
+            path: format!("(none: no usable cgroup v2 on this host) for {what}"),
+            controller: if controller.is_empty() {
+                "?".into()
+            } else {
+                controller.to_string()
+            },
+            what: file,
+        })
+    }
+
     /// `<mount>/<parent>/<name>`; `parent` is kubelet's cgroup_parent or "berth".
     pub fn path_for(&self, parent: &str, name: &str) -> Option<PathBuf> {
         let m = self.mount.as_ref()?;

@@ -466,6 +466,9 @@ impl ContainerManager {
                 image.id
             )));
         }
+        self.cgroups
+            .check_applicable(&format!("container {}", spec.name), &spec.resources)
+            .map_err(|e| ContainerError::Invalid(e.to_string()))?;
         let img = ImageDefaults::from_config(image_config);
         let id = hex::encode(rand::random::<[u8; 32]>());
         {

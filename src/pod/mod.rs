@@ -345,6 +345,9 @@ impl PodManager {
                 spec.network
             )));
         }
+        self.cgroups
+            .check_applicable(&format!("pod {}", spec.name), &spec.resources)
+            .map_err(|e| PodError::Invalid(e.to_string()))?;
         let _op = lock(&self.ops);
         if let Some(other) = lock(&self.pods).values().find(|p| {
             p.spec.name == spec.name
