@@ -84,6 +84,10 @@ pub fn spawn_in_namespaces(
         .unwrap_or(std::ptr::null());
     let host_len = hostname.as_ref().map(|h| h.len()).unwrap_or(0);
 
+    // Closed by the exec (CLOEXEC) or the child's exit: reading EOF from it
+    // means the child's setup (namespaces, cgroup, hostname) is over.
+    let (done_r, done_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe for", &what))?;
     let mut stack = vec![0u8; 64 * 1024];
     let child = ChildArgs {
         exe: exe_c.as_ptr(),
@@ -114,6 +118,26 @@ pub fn spawn_in_namespaces(
     };
     if pid < 0 {
         return Err(sys("clone", &what)(std::io::Error::last_os_error()));
+    }
+    drop(done_w);
+    let mut buf = [0u8; 1];
+    while let Err(nix::errno::Errno::EINTR) = nix::unistd::read(&done_r, &mut buf) {}
+    // A child that failed its setup has exited with a code naming the step.
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    if let Ok(WaitStatus::Exited(_, code)) =
+        waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG))
+    {
+        let step = match code {
+            120 => "setsid",
+            121 => "join the network namespace",
+            122 => "set the hostname",
+            123 => "set up stdio",
+            124 => "enter the cgroup",
+            _ => "exec",
+        };
+        return Err(sys("start", &what)(std::io::Error::other(format!(
+            "the new process failed to {step} (exit {code})"
+        ))));
     }
     let start_time = start_time(pid).map_err(sys("read start time of", pid))?;
     Ok(ProcessId { pid, start_time })
