@@ -612,7 +612,25 @@ async fn lifecycle(ctx: &Ctx, args: &Args) -> anyhow::Result<Value> {
 }
 
 fn group(patterns: &[String], exclude: &[i32]) -> Option<procmem::Group> {
-    (!patterns.is_empty()).then(|| procmem::group(patterns, exclude))
+    if patterns.is_empty() {
+        return None;
+    }
+    // BENCH_SMAPS_DIR: keep the full smaps of one process of each group, to
+    // see which mappings its memory comes from.
+    if let Some(dir) = std::env::var_os("BENCH_SMAPS_DIR") {
+        if let Some(pid) = procmem::find(patterns, exclude).first() {
+            let name: String = patterns
+                .join("_")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let _ = std::fs::copy(
+                format!("/proc/{pid}/smaps"),
+                std::path::Path::new(&dir).join(format!("{name}.smaps")),
+            );
+        }
+    }
+    Some(procmem::group(patterns, exclude))
 }
 
 fn per(total: u64, n: usize) -> f64 {
