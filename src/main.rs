@@ -66,8 +66,14 @@ enum Cmd {
     #[command(hide = true)]
     Monitor {
         /// The monitor.json written by the daemon.
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "zygote")]
+        config: Option<PathBuf>,
+        /// Serve monitor launches on stdin (see monitor/zygote.rs).
+        #[arg(long, conflicts_with = "config")]
+        zygote: bool,
+        /// Room in the argument area for the monitors' titles.
+        #[arg(long, hide = true)]
+        title_room: Option<String>,
     },
     /// Configuration helpers.
     Config {
@@ -109,7 +115,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Pause { .. } => pod::pause::run(),
-        Cmd::Monitor { config } => monitor::run(&config),
+        Cmd::Monitor { zygote: true, .. } => monitor::zygote::serve(),
+        Cmd::Monitor { config, .. } => monitor::run(&config.unwrap_or_default()),
         Cmd::Check => {
             if check::print_report(&check::run_checks()) {
                 ExitCode::SUCCESS

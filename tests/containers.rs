@@ -897,3 +897,62 @@ async fn limits_without_cgroups_need_tolerance() {
     assert!(env.berth.log().contains("limit not applied"));
     env.finish().await;
 }
+
+fn ppid_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Monitors come from the monitor zygote but belong to the daemon (they are
+/// its children) and show which container they watch, as a monitor started
+/// directly would.
+#[tokio::test]
+async fn monitors_are_daemon_children_named_after_their_container() {
+    let mut env = start().await;
+    let pod = env.pod("zygote").await;
+    let a = env.run(&pod, "a", "sleep 600").await;
+    let b = env.run(&pod, "b", "sleep 600").await;
+    let daemon = env.berth.pid().unwrap();
+    let mut monitors = Vec::new();
+    for id in [&a, &b] {
+        let info = env
+            .rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .info;
+        let v: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
+        let init = v["pid"].as_i64().unwrap() as i32;
+        let monitor = ppid_of(init);
+        assert_eq!(ppid_of(monitor), daemon, "monitor {monitor} of {id}");
+        let cmdline = std::fs::read(format!("/proc/{monitor}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(args[1..3], ["monitor", "--config"], "{args:?}");
+        assert!(args[3].contains(id.as_str()), "{args:?}");
+        monitors.push(monitor);
+    }
+    assert_ne!(monitors[0], monitors[1]);
+    // Each container still stops on its own.
+    env.rt
+        .stop_container(cri::StopContainerRequest {
+            container_id: a.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(env.wait_exit(&a).await.exit_code, 137);
+    assert_eq!(
+        env.status(&b).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    env.finish().await;
+}

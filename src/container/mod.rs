@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use spec::{ImageDefaults, PodContext};
 use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -182,6 +183,7 @@ pub struct ContainerManager {
     dir: PathBuf,
     layers_dir: PathBuf,
     exe: PathBuf,
+    monitors: crate::monitor::zygote::Launcher,
     records: Mutex<BTreeMap<String, ContainerRecord>>,
 }
 
@@ -209,6 +211,7 @@ impl ContainerManager {
             cgroups,
             dir,
             layers_dir: layers_dir.to_path_buf(),
+            monitors: crate::monitor::zygote::Launcher::new(exe.clone()),
             exe,
             records: Mutex::new(BTreeMap::new()),
         });
@@ -327,6 +330,8 @@ impl ContainerManager {
 
     fn monitor_exited(&self, id: &str) {
         let exit: Option<ExitRecord> = read_json(&self.cdir(id).join("exit.json")).ok().flatten();
+        // Persisted under the lock: whoever sees Exited (RemoveContainer)
+        // may delete the directory at once, so the write must be done by then.
         let mut recs = lock(&self.records);
         let Some(rec) = recs.get_mut(id) else {
             return;
@@ -363,11 +368,11 @@ impl ContainerManager {
             rec.message = "the container exited before it was started".into();
         }
         rec.state = ContainerState::Exited;
-        let rec = rec.clone();
-        drop(recs);
-        if let Err(e) = self.persist(&rec) {
+        if let Err(e) = self.persist(rec) {
             tracing::error!(container = %id, error = %e, "cannot record container exit");
         }
+        let rec = rec.clone();
+        drop(recs);
         tracing::info!(container = %id, exit_code = rec.exit_code, "container exited");
     }
 
@@ -630,16 +635,13 @@ impl ContainerManager {
             .map_err(|e| io("write monitor.json")(e.to_string()))?;
         let log = std::fs::File::create(dir.join("monitor.log"))
             .map_err(|e| io("create monitor.log")(e.to_string()))?;
-        let mut child = std::process::Command::new(&self.exe)
-            .arg("monitor")
-            .arg("--config")
-            .arg(dir.join("monitor.json"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .spawn()
+        let (answer_r, answer_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io("start monitor")(e.to_string()))?;
-        let mon_pid = child.id() as i32;
+        let mon_pid = self
+            .monitors
+            .launch(&dir.join("monitor.json"), answer_w.as_fd(), log.as_fd())
+            .map_err(|e| io("start monitor")(e.to_string()))?;
+        drop((answer_w, log));
         rec.monitor = Some(Proc {
             pid: mon_pid,
             start_time: process::start_time(mon_pid).unwrap_or(0),
@@ -649,15 +651,15 @@ impl ContainerManager {
         self.persist(rec)?;
         crate::failpoint::hit("ctr-after-monitor");
         let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
+        {
             use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-            use std::os::fd::AsFd;
             // A setup that hangs (a stuck mount source, say) must not hang
             // CreateContainer: the monitor is killed by the cleanup instead.
-            let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+            let mut fds = [PollFd::new(answer_r.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(MONITOR_ANSWER_TIMEOUT_MS)) {
                 Ok(n) if n > 0 => {
-                    let _ = std::io::BufReader::new(out).read_line(&mut line);
+                    let _ =
+                        std::io::BufReader::new(std::fs::File::from(answer_r)).read_line(&mut line);
                 }
                 _ => {
                     return Err(io("start monitor")(format!(
@@ -667,8 +669,7 @@ impl ContainerManager {
                 }
             }
         }
-        // The monitor lives on; its exit is reaped by the watcher.
-        drop(child);
+        // The monitor (our child) lives on; its exit is reaped by the watcher.
         let created: Created = serde_json::from_str(line.trim()).map_err(|_| {
             let log = std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default();
             io("start monitor")(format!("no answer from the monitor: {}", log.trim()))

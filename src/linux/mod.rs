@@ -2,6 +2,7 @@
 //! says why it is sound. Callers get plain functions over paths and pids.
 
 pub mod exec;
+pub mod fdpass;
 pub mod init;
 pub mod netns;
 pub mod process;

@@ -292,3 +292,76 @@ pub async fn exited(p: ProcessId) {
         }
     }
 }
+
+/// What [`fork_sibling`] returns in each process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// In the caller: the child's pid.
+    Parent(i32),
+    Child,
+}
+
+/// Forks the caller into a *sibling*: the child's parent is the caller's
+/// parent (CLONE_PARENT), so it is that process that reaps it. The monitor
+/// zygote uses this to hand each monitor to the daemon while the monitor
+/// shares the zygote's already relocated pages.
+///
+/// Only for single-threaded callers.
+pub fn fork_sibling() -> Result<Forked, LinuxError> {
+    // SAFETY: clone(2) without CLONE_VM and with a null stack behaves like
+    // fork(2): the child runs on a copy of the caller's address space and
+    // stack and returns here with 0. The caller is single-threaded (the
+    // zygote), so no other thread can hold a lock (malloc's, stdio's) that
+    // would stay locked forever in the child. glibc's cached thread id is not
+    // refreshed by a raw clone; glibc (>= 2.34) asks the kernel for the tid
+    // where it matters (raise), and the child does not create threads.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match r {
+        -1 => Err(sys("clone", "monitor")(std::io::Error::last_os_error())),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid as i32)),
+    }
+}
+
+/// Rewrites this process's command line as `ps` and /proc/PID/cmdline show
+/// it, within the room its original arguments took (longer titles are cut).
+/// prctl(PR_SET_MM_ARG_*) would allow any length but needs
+/// CAP_SYS_RESOURCE; writing the argument area in place needs nothing.
+pub fn set_title(args: &[&str]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .ok_or_else(|| std::io::Error::other("malformed /proc/self/stat"))?;
+    // Fields 48 and 49 (arg_start, arg_end); `rest` starts at field 3.
+    let mut fields = rest.split_whitespace().skip(45);
+    let mut next = || -> std::io::Result<u64> {
+        fields
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no argument area in /proc/self/stat"))
+    };
+    let (start, end) = (next()?, next()?);
+    let room = end.saturating_sub(start) as usize;
+    if room == 0 {
+        return Ok(());
+    }
+    let mut title = args.join("\0").into_bytes();
+    title.truncate(room - 1);
+    title.resize(room, 0);
+    let mut mem = std::fs::File::options()
+        .write(true)
+        .open("/proc/self/mem")?;
+    mem.seek(SeekFrom::Start(start))?;
+    mem.write_all(&title)
+}

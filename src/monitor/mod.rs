@@ -7,6 +7,7 @@
 //! Rust code before exec, and a small monitor stays small.
 
 pub mod crilog;
+pub mod zygote;
 
 use crate::linux::init::{self, InitPlan};
 use crilog::{CriLog, Stream};

@@ -204,20 +204,16 @@ impl PodManager {
         tokio::spawn(async move {
             process::exited(infra.into()).await;
             process::reap(infra.pid);
-            let rec = {
-                let mut pods = lock(&this.pods);
-                match pods.get_mut(&id) {
-                    Some(p) if p.state == PodState::Ready && p.infra == Some(infra) => {
-                        p.state = PodState::NotReady;
-                        Some(p.clone())
+            // Persisted under the lock: a RemovePodSandbox that sees the new
+            // state may delete the pod directory at once.
+            let mut pods = lock(&this.pods);
+            if let Some(p) = pods.get_mut(&id) {
+                if p.state == PodState::Ready && p.infra == Some(infra) {
+                    p.state = PodState::NotReady;
+                    tracing::warn!(pod = %id, pid = infra.pid, "pod infra process exited: sandbox not ready");
+                    if let Err(e) = this.persist(p) {
+                        tracing::error!(pod = %id, error = %e, "cannot record pod state");
                     }
-                    _ => None,
-                }
-            };
-            if let Some(rec) = rec {
-                tracing::warn!(pod = %id, pid = infra.pid, "pod infra process exited: sandbox not ready");
-                if let Err(e) = this.persist(&rec) {
-                    tracing::error!(pod = %id, error = %e, "cannot record pod state");
                 }
             }
         });
