@@ -956,3 +956,49 @@ async fn monitors_are_daemon_children_named_after_their_container() {
     );
     env.finish().await;
 }
+
+/// tty gives the container a terminal from its own devpts as stdio and
+/// controlling terminal (its output logged as stdout); stdin keeps an open
+/// pipe as the container's stdin; without either, stdin is /dev/null.
+#[tokio::test]
+async fn tty_and_stdin() {
+    let mut env = start().await;
+    let pod = env.pod("tty").await;
+    let script = "tty; test -t 0 && echo stdin-is-tty; readlink /proc/self/fd/0; \
+                  ls -l /proc/self/fd/1 >/dev/null && echo done";
+    let mut cfgs = Vec::new();
+    for (name, tty, stdin) in [("t", true, true), ("s", false, true), ("n", false, false)] {
+        let mut c = sh(name, script);
+        c.tty = tty;
+        c.stdin = stdin;
+        cfgs.push((name, c));
+    }
+    let mut ids = Vec::new();
+    for (name, c) in cfgs {
+        let id = env.create(&pod, c).await.unwrap();
+        env.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        ids.push((name, id));
+    }
+    for (_, id) in &ids {
+        assert_eq!(env.wait_exit(id).await.exit_code, 0, "{id}");
+    }
+    let t = env.output("tty", "t");
+    assert!(t.contains("/dev/pts/0"), "{t}");
+    assert!(t.contains("stdin-is-tty"), "{t}");
+    assert!(
+        env.log("tty", "t").lines().all(|l| l.contains(" stdout ")),
+        "{}",
+        env.log("tty", "t")
+    );
+    let s = env.output("tty", "s");
+    assert!(s.contains("not a tty") && s.contains("pipe:["), "{s}");
+    assert!(!s.contains("stdin-is-tty"), "{s}");
+    let n = env.output("tty", "n");
+    assert!(n.contains("/dev/null"), "{n}");
+    env.finish().await;
+}

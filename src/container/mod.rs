@@ -630,6 +630,8 @@ impl ContainerManager {
             log_path: rec.log_path.clone(),
             exit_file: dir.join("exit.json"),
             cgroup: rec.cgroup.clone(),
+            stdin: rec.spec.stdin,
+            stdin_once: rec.spec.stdin_once,
         };
         write_json(&dir.join("monitor.json"), &mcfg)
             .map_err(|e| io("write monitor.json")(e.to_string()))?;

@@ -33,6 +33,12 @@ pub struct InitPlan<'a> {
     pub sync: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
+    /// The container's stdin (a pipe the monitor holds); /dev/null if unset.
+    pub stdin: Option<RawFd>,
+    /// Terminal mode: a unix socket on which the init sends the master of a
+    /// pty it opens inside the container; the slave becomes its stdio and
+    /// controlling terminal.
+    pub console: Option<RawFd>,
     /// Entered first, so all the init's setup is accounted to the container.
     pub cgroup: Option<&'a Path>,
 }
@@ -157,6 +163,12 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
 
     let process = spec.process().as_ref().ok_or("spec has no process")?;
+    // Opened here, from the container's own devpts, so that the terminal's
+    // name resolves inside the container (ttyname, /dev/tty).
+    let pty_slave = match p.console {
+        Some(console) => Some(open_console(console, process.user())?),
+        None => None,
+    };
     let cwd = process.cwd();
     std::fs::create_dir_all(cwd).map_err(|e| format!("working dir {}: {e}", cwd.display()))?;
     chdir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
@@ -185,12 +197,27 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
 
     let devnull = open("/dev/null", OFlag::O_RDONLY, Mode::empty())
         .map_err(|e| format!("open /dev/null: {e}"))?;
-    for (from, to) in [(devnull.as_raw_fd(), 0), (p.stdout, 1), (p.stderr, 2)] {
+    let stdio = match &pty_slave {
+        Some(s) => [s.as_raw_fd(); 3],
+        None => [p.stdin.unwrap_or(devnull.as_raw_fd()), p.stdout, p.stderr],
+    };
+    for (to, from) in stdio.into_iter().enumerate() {
         // SAFETY: dup2 onto the standard fds of this process; all sources are open.
-        if unsafe { libc::dup2(from, to) } < 0 {
+        if unsafe { libc::dup2(from, to as RawFd) } < 0 {
             return Err(format!("set up stdio: {}", std::io::Error::last_os_error()));
         }
     }
+    if pty_slave.is_some() {
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        // SAFETY: TIOCSCTTY takes an int argument; fd 0 is the pty slave.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return Err(format!(
+                "make the pty the controlling terminal: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    drop(pty_slave);
     let ready = match &start_error {
         None => "R".to_string(),
         Some(e) => format!("W{e}"),
@@ -438,4 +465,34 @@ fn readonly(root: &Path, path: &str) -> Result<(), String> {
 pub fn join_namespace(path: &Path, kind: nix::sched::CloneFlags) -> Result<(), LinuxError> {
     let f = std::fs::File::open(path).map_err(sys("open namespace", path.display()))?;
     nix::sched::setns(&f, kind).map_err(sys("join namespace", path.display()))
+}
+
+/// Opens a new pty in the container's /dev/ptmx, hands its master to the
+/// monitor over `console` and returns the slave, owned by the container's
+/// user so that it can reopen its terminal.
+fn open_console(console: RawFd, user: &oci_spec::runtime::User) -> Result<OwnedFd, String> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| format!("open /dev/ptmx: {e}"))?;
+    grantpt(&master).map_err(|e| format!("grantpt: {e}"))?;
+    unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
+    let name = ptsname_r(&master).map_err(|e| format!("ptsname: {e}"))?;
+    let slave = open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open {name}: {e}"))?;
+    nix::unistd::fchown(
+        &slave,
+        Some(Uid::from_raw(user.uid())),
+        Some(Gid::from_raw(user.gid())),
+    )
+    .map_err(|e| format!("chown {name}: {e}"))?;
+    // SAFETY: the console socket stays open for the whole setup.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(console) };
+    use std::os::fd::AsFd;
+    super::fdpass::send(sock, b"pty", &[master.as_fd()]).map_err(|e| e.to_string())?;
+    nix::unistd::close(console).ok();
+    Ok(slave)
 }

@@ -33,6 +33,13 @@ pub struct MonitorConfig {
     pub exit_file: PathBuf,
     /// The container's cgroup; the init enters it before anything else.
     pub cgroup: Option<PathBuf>,
+    /// Keep the container's stdin open (a pipe held by the monitor, for
+    /// attach) instead of /dev/null. With a terminal, the pty is its stdin.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Close that stdin after the first attach session ends.
+    #[serde(default)]
+    pub stdin_once: bool,
 }
 
 /// The monitor's one-line answer on stdout once the init is ready.
@@ -135,6 +142,35 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    // The write end of the container's stdin stays with the monitor for the
+    // container's lifetime: a reader blocks instead of seeing EOF.
+    let (stdin_r, stdin_w) = if cfg.stdin && !terminal {
+        match pipe() {
+            Ok((r, w)) => (Some(r), Some(w)),
+            Err(e) => return fail(e),
+        }
+    } else {
+        (None, None)
+    };
+    let console = if terminal {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        match socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ) {
+            Ok(pair) => Some(pair),
+            Err(e) => return fail(format!("console socket: {e}")),
+        }
+    } else {
+        None
+    };
     let plan = InitPlan {
         spec: &spec,
         layers_dir: &cfg.layers_dir,
@@ -145,13 +181,16 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         sync: sync_w.as_raw_fd(),
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
+        stdin: stdin_r.as_ref().map(|f| f.as_raw_fd()),
+        console: console.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
         cgroup: cfg.cgroup.as_deref(),
     };
     let pid = match init::spawn(&plan, new_pid) {
         Ok(p) => p,
         Err(e) => return fail(e.to_string()),
     };
-    drop((out_w, err_w, sync_w));
+    drop((out_w, err_w, sync_w, stdin_r));
+    let console = console.map(|(ours, _theirs)| ours);
     let mut msg = Vec::new();
     let _ = std::io::Read::read_to_end(&mut std::fs::File::from(sync_r), &mut msg);
     let msg = String::from_utf8_lossy(&msg).into_owned();
@@ -166,6 +205,25 @@ fn monitor(config_path: &Path) -> Result<(), String> {
             reap(pid);
             return fail("container init exited during setup".into());
         }
+    };
+    // In terminal mode the init has sent its pty master before "ready";
+    // the terminal's output is the container's stdout.
+    let (out_r, err_r) = match console {
+        Some(sock) => {
+            let mut b = [0u8; 8];
+            match crate::linux::fdpass::recv(sock.as_fd(), &mut b) {
+                Ok((_, mut fds)) if fds.len() == 1 => (fds.remove(0), None),
+                _ => {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    reap(pid);
+                    return fail("the container init sent no terminal".into());
+                }
+            }
+        }
+        None => (out_r, Some(err_r)),
     };
     let start_time = crate::linux::process::start_time(pid).unwrap_or(0);
     reply(&Created {
@@ -197,6 +255,7 @@ fn monitor(config_path: &Path) -> Result<(), String> {
     )
     .ok();
     copy_output(out_r, err_r, exited, reopen, log);
+    drop(stdin_w);
     let (exit_code, signal) = wait_exit(pid);
     // Read before anyone removes the cgroup: an OOM kill of any process in
     // the container counts, as kubelet expects.
@@ -218,14 +277,14 @@ fn monitor(config_path: &Path) -> Result<(), String> {
 /// shared-PID pod may keep a pipe open forever).
 fn copy_output(
     out: OwnedFd,
-    err: OwnedFd,
+    err: Option<OwnedFd>,
     exited: Option<OwnedFd>,
     reopen: Option<nix::sys::signalfd::SignalFd>,
     mut log: Option<CriLog>,
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     const DRAIN_AFTER_EXIT_MS: u16 = 200;
-    let mut open = [Some(out), Some(err)];
+    let mut open = [Some(out), err];
     let mut buf = vec![0u8; 32 * 1024];
     let mut init_gone = false;
     loop {
