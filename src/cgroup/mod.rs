@@ -25,6 +25,8 @@ pub enum CgroupError {
     },
     #[error("cgroup resource {key:?}: {reason}")]
     Invalid { key: String, reason: String },
+    #[error("cgroup {path}: {reason}")]
+    Rejected { path: String, reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -271,6 +273,80 @@ impl Cgroups {
             if let Err(e) = std::fs::write(path.join(&file), &value) {
                 let _ = std::fs::remove_dir(path);
                 return Err(io(&format!("write {file} = {value}"), path)(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the limits of an existing cgroup, all or nothing: on any
+    /// failure the files already written get their old values back. A
+    /// memory limit below what the cgroup uses now is refused rather than
+    /// letting the kernel OOM-kill the workload.
+    pub fn update(&self, path: &Path, res: &Resources) -> Result<(), CgroupError> {
+        if self.mount.is_none() {
+            return Ok(());
+        }
+        let files = res.files()?;
+        let mut todo = Vec::new();
+        for (file, value, controller) in files {
+            if !controller.is_empty() && !self.available.iter().any(|c| c == controller) {
+                if self.allow_missing {
+                    tracing::warn!(
+                        controller,
+                        file,
+                        "cgroup controller missing: limit not applied"
+                    );
+                    continue;
+                }
+                return Err(CgroupError::MissingController {
+                    path: path.display().to_string(),
+                    controller: controller.to_string(),
+                    what: file,
+                });
+            }
+            todo.push((file, value));
+        }
+        let read = |file: &str| {
+            std::fs::read_to_string(path.join(file))
+                .map(|s| s.trim().to_string())
+                .map_err(|source| CgroupError::Io {
+                    path: path.display().to_string(),
+                    what: format!("read {file}"),
+                    source,
+                })
+        };
+        if let Some((_, limit)) = todo.iter().find(|(f, _)| f == "memory.max") {
+            if let (Ok(limit), Ok(current)) = (limit.parse::<u64>(), read("memory.current")) {
+                let current: u64 = current.parse().unwrap_or(0);
+                if limit < current {
+                    return Err(CgroupError::Rejected {
+                        path: path.display().to_string(),
+                        reason: format!(
+                            "memory limit {limit} is below the current usage {current}"
+                        ),
+                    });
+                }
+            }
+        }
+        let mut old = Vec::new();
+        for (file, _) in &todo {
+            old.push(read(file)?);
+        }
+        for (i, (file, value)) in todo.iter().enumerate() {
+            if let Err(source) = std::fs::write(path.join(file), value) {
+                // Back to how it was, newest first (files read back in the
+                // format they accept; multi-line ones like io.max may not).
+                for j in (0..i).rev() {
+                    let (f, _) = &todo[j];
+                    if let Err(e) = std::fs::write(path.join(f), &old[j]) {
+                        tracing::error!(cgroup = %path.display(), file = %f, error = %e, "cannot restore a cgroup limit");
+                    }
+                }
+                return Err(CgroupError::Io {
+                    path: path.display().to_string(),
+                    what: format!("write {file} = {value}"),
+                    source,
+                });
             }
         }
         Ok(())

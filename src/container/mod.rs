@@ -185,6 +185,7 @@ pub struct ContainerManager {
     exe: PathBuf,
     monitors: crate::monitor::zygote::Launcher,
     records: Mutex<BTreeMap<String, ContainerRecord>>,
+    resource_updates: Mutex<()>,
 }
 
 /// How long a monitor may take to set the container up and answer.
@@ -214,6 +215,7 @@ impl ContainerManager {
             monitors: crate::monitor::zygote::Launcher::new(exe.clone()),
             exe,
             records: Mutex::new(BTreeMap::new()),
+            resource_updates: Mutex::new(()),
         });
         m.reconcile();
         Ok(m)
@@ -732,6 +734,66 @@ impl ContainerManager {
             r.started_at = now_ns();
         })?;
         tracing::info!(container = %id, "container started");
+        Ok(())
+    }
+
+    /// UpdateContainerResources: new limits for a created or running
+    /// container, applied to its cgroup all or nothing, then recorded (so
+    /// they show in ContainerStatus and survive restarts).
+    pub fn update_resources(
+        &self,
+        id: &str,
+        res: crate::cgroup::Resources,
+        oom_score_adj: Option<i64>,
+    ) -> Result<(), ContainerError> {
+        // One update at a time: an all-or-nothing rollback must not undo
+        // another update's writes.
+        let _one = lock(&self.resource_updates);
+        let rec = self.get(id)?;
+        if !matches!(rec.state, ContainerState::Created | ContainerState::Running) {
+            return Err(ContainerError::FailedPrecondition {
+                id: rec.id,
+                reason: format!(
+                    "cannot update the resources of a container in state {:?}",
+                    rec.state
+                ),
+            });
+        }
+        let cg_err = |e: crate::cgroup::CgroupError| match e {
+            crate::cgroup::CgroupError::Invalid { .. }
+            | crate::cgroup::CgroupError::MissingController { .. } => {
+                ContainerError::Invalid(format!("container {}: {e}", rec.id))
+            }
+            crate::cgroup::CgroupError::Rejected { .. } => ContainerError::FailedPrecondition {
+                id: rec.id.clone(),
+                reason: e.to_string(),
+            },
+            crate::cgroup::CgroupError::Io { .. } => ContainerError::Internal {
+                id: rec.id.clone(),
+                what: "update resources",
+                detail: e.to_string(),
+            },
+        };
+        self.cgroups
+            .check_applicable(&format!("container {}", rec.id), &res)
+            .map_err(cg_err)?;
+        if let Some(cg) = &rec.cgroup {
+            self.cgroups.update(cg, &res).map_err(cg_err)?;
+        }
+        let oom = oom_score_adj.map(|v| effective_oom_score_adj(&rec.id, v));
+        if let (Some(v), Some(init)) = (oom, rec.init) {
+            if process::is_alive(init.into()) {
+                std::fs::write(format!("/proc/{}/oom_score_adj", init.pid), v.to_string())
+                    .map_err(|e| internal(&rec.id, "set oom_score_adj")(e.to_string()))?;
+            }
+        }
+        self.update(&rec.id, |r| {
+            r.spec.resources = res;
+            if let Some(v) = oom_score_adj {
+                r.spec.oom_score_adj = v;
+            }
+        })?;
+        tracing::info!(container = %rec.id, "container resources updated");
         Ok(())
     }
 

@@ -479,6 +479,28 @@ impl PodManager {
             .ok_or(PodError::NotFound(id))
     }
 
+    /// UpdatePodSandboxResources, best effort: the pod-level cgroup belongs
+    /// to kubelet (cgroup_parent); berth owns only the sandbox's own cgroup,
+    /// which gets the limits when it can take them. Failures are logged.
+    pub fn update_resources(
+        &self,
+        id: &str,
+        res: crate::cgroup::Resources,
+    ) -> Result<(), PodError> {
+        let rec = self.get(id)?;
+        if let Some(cg) = &rec.cgroup {
+            if let Err(e) = self.cgroups.update(cg, &res) {
+                tracing::warn!(pod = %rec.id, error = %e, "pod sandbox resources not applied");
+            }
+        }
+        let mut pods = lock(&self.pods);
+        if let Some(p) = pods.get_mut(&rec.id) {
+            p.spec.resources = res;
+            self.persist(p)?;
+        }
+        Ok(())
+    }
+
     pub fn list(&self, f: &PodFilter) -> Vec<PodRecord> {
         let id = match f.id.as_deref() {
             Some(i) if !i.is_empty() => match self.resolve(i) {

@@ -111,6 +111,35 @@ pub fn resources_from(r: cri::LinuxContainerResources) -> crate::cgroup::Resourc
     }
 }
 
+/// The limits as recorded (the latest UpdateContainerResources included).
+pub fn resources_to_cri(
+    r: &crate::cgroup::Resources,
+    oom_score_adj: i64,
+) -> cri::ContainerResources {
+    cri::ContainerResources {
+        linux: Some(cri::LinuxContainerResources {
+            cpu_period: r.cpu_period,
+            cpu_quota: r.cpu_quota,
+            cpu_shares: r.cpu_shares,
+            memory_limit_in_bytes: r.memory_limit,
+            oom_score_adj,
+            cpuset_cpus: r.cpuset_cpus.clone(),
+            cpuset_mems: r.cpuset_mems.clone(),
+            hugepage_limits: r
+                .hugepage_limits
+                .iter()
+                .map(|(page_size, limit)| cri::HugepageLimit {
+                    page_size: page_size.clone(),
+                    limit: *limit,
+                })
+                .collect(),
+            unified: r.unified.clone().into_iter().collect(),
+            memory_swap_limit_in_bytes: r.memory_swap_limit,
+        }),
+        windows: None,
+    }
+}
+
 pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {
     PodInfo {
         id: p.id.clone(),
@@ -221,7 +250,7 @@ pub fn to_status(c: &ContainerRecord) -> cri::ContainerStatus {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        resources: None,
+        resources: Some(resources_to_cri(&c.spec.resources, c.spec.oom_score_adj)),
         image_id: c.image_id.clone(),
         user: Some(cri::ContainerUser {
             linux: Some(cri::LinuxContainerUser {

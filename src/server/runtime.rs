@@ -85,6 +85,13 @@ impl RuntimeService for RuntimeApi {
                 let cfg = serde_json::to_string(&self.0.config)
                     .map_err(|e| Status::internal(format!("encode config: {e}")))?;
                 info.insert("config".to_string(), cfg);
+                let rc: Option<serde_json::Value> =
+                    crate::store::read_json(&self.0.config.root.join("runtime-config.json"))
+                        .ok()
+                        .flatten();
+                if let Some(rc) = rc {
+                    info.insert("runtimeConfig".to_string(), rc.to_string());
+                }
             }
             Ok(cri::StatusResponse {
                 status: Some(cri::RuntimeStatus { conditions }),
@@ -121,10 +128,36 @@ impl RuntimeService for RuntimeApi {
 
     async fn update_runtime_config(
         &self,
-        _req: Request<cri::UpdateRuntimeConfigRequest>,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
-        // kubelet sends the pod CIDR here; the built-in network has its own config.
-        rpc("UpdateRuntimeConfig", "", async {
+        // kubelet sends the node's pod CIDR here: kept (on disk, so it
+        // survives restarts) for the network, shown in Status's verbose info.
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        rpc("UpdateRuntimeConfig", &cidr, async {
+            for part in cidr.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let valid = part.split_once('/').is_some_and(|(ip, len)| {
+                    let max = match ip.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V4(_)) => 32,
+                        Ok(std::net::IpAddr::V6(_)) => 128,
+                        Err(_) => return false,
+                    };
+                    len.parse::<u8>().is_ok_and(|l| l <= max)
+                });
+                if !valid {
+                    return Err(Status::invalid_argument(format!(
+                        "UpdateRuntimeConfig: pod CIDR {part:?} is not an address/prefix"
+                    )));
+                }
+            }
+            let file = self.0.config.root.join("runtime-config.json");
+            crate::store::write_json(&file, &serde_json::json!({ "podCIDR": cidr }))
+                .map_err(|e| Status::internal(format!("record the pod CIDR: {e}")))?;
+            tracing::info!(pod_cidr = %cidr, "runtime config updated");
             Ok(cri::UpdateRuntimeConfigResponse {})
         })
         .await
@@ -404,8 +437,50 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        let req = req.into_inner();
+        rpc("UpdateContainerResources", &req.container_id, async {
+            let linux = req.linux.ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "UpdateContainerResources {}: linux resources are required",
+                    req.container_id
+                ))
+            })?;
+            let oom = Some(linux.oom_score_adj);
+            let res = container::resources_from(linux);
+            let containers = self.0.containers.clone();
+            let id = req.container_id.clone();
+            tokio::task::spawn_blocking(move || containers.update_resources(&id, res, oom))
+                .await
+                .map_err(|e| Status::internal(format!("update task: {e}")))?
+                .map_err(container::status_of)?;
+            Ok(cri::UpdateContainerResourcesResponse {})
+        })
+        .await
+    }
+
+    async fn update_pod_sandbox_resources(
+        &self,
+        req: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
+        let req = req.into_inner();
+        rpc("UpdatePodSandboxResources", &req.pod_sandbox_id, async {
+            let res = container::resources_from(req.resources.unwrap_or_default());
+            let pods = self.0.pods.clone();
+            let id = req.pod_sandbox_id.clone();
+            tokio::task::spawn_blocking(move || pods.update_resources(&id, res))
+                .await
+                .map_err(|e| Status::internal(format!("update task: {e}")))?
+                .map_err(pod::status_of)?;
+            Ok(cri::UpdatePodSandboxResourcesResponse {})
+        })
+        .await
+    }
+
     not_yet! {
-        update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse = "UpdateContainerResources";
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
@@ -416,7 +491,6 @@ impl RuntimeService for RuntimeApi {
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse = "CheckpointContainer";
         list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
         list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
-        update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest) -> cri::UpdatePodSandboxResourcesResponse = "UpdatePodSandboxResources";
     }
 
     type StreamPodSandboxesStream = Stream<cri::StreamPodSandboxesResponse>;
