@@ -1002,3 +1002,108 @@ async fn tty_and_stdin() {
     assert!(n.contains("/dev/null"), "{n}");
     env.finish().await;
 }
+
+/// UpdateContainerResources on a host without usable cgroups: limits are
+/// refused naming the controller; oom_score_adj (not a cgroup setting)
+/// applies to the running process; ContainerStatus shows what was
+/// recorded; exited and unknown containers are refused.
+#[tokio::test]
+async fn update_resources_on_a_host_without_cgroups() {
+    let pure_v2 = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 "));
+    if pure_v2 {
+        eprintln!("SKIP: this host has cgroup v2 at /sys/fs/cgroup; the VM suite covers updates");
+        return;
+    }
+    let mut env = start().await;
+    let pod = env.pod("upd").await;
+    let id = env.run(&pod, "sleeper", "sleep 600").await;
+    let update = |linux: cri::LinuxContainerResources| cri::UpdateContainerResourcesRequest {
+        container_id: id.clone(),
+        linux: Some(linux),
+        ..Default::default()
+    };
+    let e = env
+        .rt
+        .update_container_resources(update(cri::LinuxContainerResources {
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("cpu"), "{}", e.message());
+    env.rt
+        .update_container_resources(update(cri::LinuxContainerResources {
+            oom_score_adj: 700,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let info = env
+        .rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_str(&info.info["info"]).unwrap();
+    let pid = v["pid"].as_i64().unwrap();
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(adj.trim(), "700");
+    let shown = info.status.unwrap().resources.unwrap().linux.unwrap();
+    assert_eq!(shown.oom_score_adj, 700);
+    assert_eq!(shown.cpu_quota, 0, "the refused update left nothing behind");
+
+    let e = env
+        .rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: "no-such-container".into(),
+            linux: Some(Default::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    env.rt
+        .stop_container(cri::StopContainerRequest {
+            container_id: id.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap();
+    let e = env
+        .rt
+        .update_container_resources(update(Default::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // The pod's sandbox: best effort, unknown pods are NotFound.
+    env.rt
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: pod.clone(),
+            overhead: None,
+            resources: Some(cri::LinuxContainerResources {
+                cpu_shares: 512,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let e = env
+        .rt
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: "no-such-pod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    env.finish().await;
+}

@@ -58,14 +58,43 @@ async fn version_status_and_runtime_config() {
 
     // RPCs of later capabilities say so, by name.
     let e = rt
-        .update_container_resources(cri::UpdateContainerResourcesRequest::default())
+        .checkpoint_container(cri::CheckpointContainerRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
     assert!(
-        e.message().contains("UpdateContainerResources"),
+        e.message().contains("CheckpointContainer"),
         "{}",
         e.message()
+    );
+
+    // UpdateRuntimeConfig keeps kubelet's pod CIDR (across restarts) and
+    // refuses what is not one.
+    let cidr = |c: &str| cri::UpdateRuntimeConfigRequest {
+        runtime_config: Some(cri::RuntimeConfig {
+            network_config: Some(cri::NetworkConfig { pod_cidr: c.into() }),
+        }),
+    };
+    rt.update_runtime_config(cidr("10.244.1.0/24,fd00:10:244:1::/64"))
+        .await
+        .unwrap();
+    let e = rt
+        .update_runtime_config(cidr("10.244.1.0/33"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut berth = berth;
+    berth.restart();
+    let mut rt = berth.runtime_client().await;
+    let s = rt
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        s.info["runtimeConfig"].contains("10.244.1.0/24,fd00:10:244:1::/64"),
+        "{:?}",
+        s.info
     );
     let e = rt
         .get_container_events(cri::GetEventsRequest {})
