@@ -186,6 +186,8 @@ pub struct ContainerManager {
     monitors: crate::monitor::zygote::Launcher,
     records: Mutex<BTreeMap<String, ContainerRecord>>,
     resource_updates: Mutex<()>,
+    /// Ids of containers whose exit was just recorded (for events).
+    exits: tokio::sync::broadcast::Sender<String>,
 }
 
 /// How long a monitor may take to set the container up and answer.
@@ -216,6 +218,7 @@ impl ContainerManager {
             exe,
             records: Mutex::new(BTreeMap::new()),
             resource_updates: Mutex::new(()),
+            exits: tokio::sync::broadcast::channel(1024).0,
         });
         m.reconcile();
         Ok(m)
@@ -375,6 +378,7 @@ impl ContainerManager {
         }
         let rec = rec.clone();
         drop(recs);
+        let _ = self.exits.send(id.to_string());
         tracing::info!(container = %id, exit_code = rec.exit_code, "container exited");
     }
 
@@ -735,6 +739,11 @@ impl ContainerManager {
         })?;
         tracing::info!(container = %id, "container started");
         Ok(())
+    }
+
+    /// Container ids as their exits get recorded.
+    pub fn exits(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.exits.subscribe()
     }
 
     /// UpdateContainerResources: new limits for a created or running

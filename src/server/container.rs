@@ -303,7 +303,21 @@ impl Daemon {
 
     pub async fn remove_pod_containers(&self, pod_id: &str) -> Result<(), Status> {
         for id in self.containers.in_pod(pod_id) {
-            self.containers.remove(&id).await.map_err(status_of)?;
+            self.remove_container(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// RemoveContainer, with its CONTAINER_DELETED event when it existed.
+    pub async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let gone = self.containers.get(id).ok().map(|c| {
+            let mut ev = self.event(&c.id, &c.pod_id, super::events::Kind::ContainerDeletedEvent);
+            ev.containers_statuses.retain(|s| s.id != c.id);
+            ev
+        });
+        self.containers.remove(id).await.map_err(status_of)?;
+        if let Some(ev) = gone {
+            self.publish(ev);
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! The gRPC layer: CRI messages in, domain calls, CRI messages and status
 //! codes out. No syscalls here beyond the listening socket itself.
 
+mod chunks;
 mod container;
+mod events;
 mod image;
 mod pod;
 mod runtime;
@@ -60,6 +62,7 @@ pub struct Daemon {
     pub images: ImageManager,
     pub pods: Arc<PodManager>,
     pub containers: Arc<ContainerManager>,
+    pub events: events::Events,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -116,7 +119,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         images,
         pods,
         containers,
+        events: events::Events::default(),
     });
+    events::forward_exits(daemon.clone());
     let socket = daemon.config.socket.clone();
 
     // We hold the socket lock, so an existing socket file is a stale leftover.

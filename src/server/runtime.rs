@@ -1,5 +1,6 @@
 //! RuntimeService: runtime info now; pods and containers land with their issues.
 
+use super::events::Kind;
 use super::{container, pod, rpc, Daemon};
 use cri_proto::v1 as cri;
 use cri_proto::v1::runtime_service_server::RuntimeService;
@@ -177,6 +178,8 @@ impl RuntimeService for RuntimeApi {
         rpc("RunPodSandbox", &name, async {
             let spec = pod::spec_from(req)?;
             let id = pod::blocking(&self.0, move |d| d.pods.run(spec)).await?;
+            self.0.emit(&id, &id, Kind::ContainerCreatedEvent);
+            self.0.emit(&id, &id, Kind::ContainerStartedEvent);
             Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
         })
         .await
@@ -188,10 +191,17 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
         rpc("StopPodSandbox", &id.clone(), async {
-            if let Ok(p) = self.0.pods.get(&id) {
-                self.0.stop_pod_containers(&p.id).await?;
-            }
+            let ready = match self.0.pods.get(&id) {
+                Ok(p) => {
+                    self.0.stop_pod_containers(&p.id).await?;
+                    (p.state == crate::pod::PodState::Ready).then_some(p.id)
+                }
+                Err(_) => None,
+            };
             pod::blocking(&self.0, move |d| d.pods.stop(&id)).await?;
+            if let Some(id) = ready {
+                self.0.emit(&id, &id, Kind::ContainerStoppedEvent);
+            }
             Ok(cri::StopPodSandboxResponse {})
         })
         .await
@@ -203,10 +213,15 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
         rpc("RemovePodSandbox", &id.clone(), async {
+            let mut gone = None;
             if let Ok(p) = self.0.pods.get(&id) {
                 self.0.remove_pod_containers(&p.id).await?;
+                gone = Some(self.0.event(&p.id, &p.id, Kind::ContainerDeletedEvent));
             }
             pod::blocking(&self.0, move |d| d.pods.remove(&id)).await?;
+            if let Some(ev) = gone {
+                self.0.publish(ev);
+            }
             Ok(cri::RemovePodSandboxResponse {})
         })
         .await
@@ -290,6 +305,7 @@ impl RuntimeService for RuntimeApi {
                 .config_json(&image)
                 .map_err(|e| Status::internal(e.to_string()))?;
             let info = container::pod_info(&pod, self.0.pods.pods_dir());
+            let pod_id = pod.id.clone();
             let d = self.0.clone();
             let id = tokio::task::spawn_blocking(move || {
                 d.containers.create(&info, spec, &image, &config)
@@ -297,6 +313,7 @@ impl RuntimeService for RuntimeApi {
             .await
             .map_err(|e| Status::internal(format!("create task: {e}")))?
             .map_err(container::status_of)?;
+            self.0.emit(&id, &pod_id, Kind::ContainerCreatedEvent);
             Ok(cri::CreateContainerResponse { container_id: id })
         })
         .await
@@ -309,10 +326,25 @@ impl RuntimeService for RuntimeApi {
         let id = req.into_inner().container_id;
         rpc("StartContainer", &id.clone(), async {
             let d = self.0.clone();
-            tokio::task::spawn_blocking(move || d.containers.start(&id))
+            let cid = id.clone();
+            let started = tokio::task::spawn_blocking(move || d.containers.start(&cid))
                 .await
-                .map_err(|e| Status::internal(format!("start task: {e}")))?
-                .map_err(container::status_of)?;
+                .map_err(|e| Status::internal(format!("start task: {e}")))?;
+            let pod_id = self.0.containers.get(&id).map(|c| c.pod_id).ok();
+            if let Some(pod_id) = pod_id {
+                // A start that fails leaves an exited container behind.
+                let kind = match started {
+                    Ok(()) => Kind::ContainerStartedEvent,
+                    Err(crate::container::ContainerError::CannotRun { .. }) => {
+                        Kind::ContainerStoppedEvent
+                    }
+                    Err(_) => Kind::ContainerCreatedEvent,
+                };
+                if kind != Kind::ContainerCreatedEvent {
+                    self.0.emit(&id, &pod_id, kind);
+                }
+            }
+            started.map_err(container::status_of)?;
             Ok(cri::StartContainerResponse {})
         })
         .await
@@ -341,11 +373,7 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let id = req.into_inner().container_id;
         rpc("RemoveContainer", &id, async {
-            self.0
-                .containers
-                .remove(&id)
-                .await
-                .map_err(container::status_of)?;
+            self.0.remove_container(&id).await?;
             Ok(cri::RemoveContainerResponse {})
         })
         .await
@@ -500,12 +528,73 @@ impl RuntimeService for RuntimeApi {
     type GetContainerEventsStream = Stream<cri::ContainerEventResponse>;
     type StreamPodSandboxMetricsStream = Stream<cri::StreamPodSandboxMetricsResponse>;
 
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        use tokio_stream::StreamExt;
+        let rx = self.0.events.subscribe();
+        tracing::debug!("container events subscriber joined");
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).map_while(|ev| match ev {
+            Ok(ev) => Some(Ok(ev)),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "container events subscriber fell behind: dropped"
+                );
+                None
+            }
+        });
+        Ok(Response::new(
+            Box::pin(stream) as Self::GetContainerEventsStream
+        ))
+    }
+
+    async fn stream_pod_sandboxes(
+        &self,
+        req: Request<cri::StreamPodSandboxesRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxesStream>, Status> {
+        let filter = pod::filter_from(req.into_inner().filter);
+        rpc("StreamPodSandboxes", "", async {
+            let items: Vec<cri::PodSandbox> = self
+                .0
+                .pods
+                .list(&filter)
+                .iter()
+                .map(pod::to_sandbox)
+                .collect();
+            let chunks = super::chunks::by_size(items)
+                .into_iter()
+                .map(|pod_sandboxes| Ok(cri::StreamPodSandboxesResponse { pod_sandboxes }));
+            Ok(Box::pin(tokio_stream::iter(chunks)) as Self::StreamPodSandboxesStream)
+        })
+        .await
+    }
+
+    async fn stream_containers(
+        &self,
+        req: Request<cri::StreamContainersRequest>,
+    ) -> Result<Response<Self::StreamContainersStream>, Status> {
+        let filter = container::filter_from(req.into_inner().filter);
+        rpc("StreamContainers", "", async {
+            let items: Vec<cri::Container> = self
+                .0
+                .containers
+                .list(&filter)
+                .iter()
+                .map(container::to_container)
+                .collect();
+            let chunks = super::chunks::by_size(items)
+                .into_iter()
+                .map(|containers| Ok(cri::StreamContainersResponse { containers }));
+            Ok(Box::pin(tokio_stream::iter(chunks)) as Self::StreamContainersStream)
+        })
+        .await
+    }
+
     not_yet! {
-        stream_pod_sandboxes(cri::StreamPodSandboxesRequest) -> Self::StreamPodSandboxesStream = "StreamPodSandboxes";
-        stream_containers(cri::StreamContainersRequest) -> Self::StreamContainersStream = "StreamContainers";
         stream_container_stats(cri::StreamContainerStatsRequest) -> Self::StreamContainerStatsStream = "StreamContainerStats";
         stream_pod_sandbox_stats(cri::StreamPodSandboxStatsRequest) -> Self::StreamPodSandboxStatsStream = "StreamPodSandboxStats";
-        get_container_events(cri::GetEventsRequest) -> Self::GetContainerEventsStream = "GetContainerEvents";
         stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest) -> Self::StreamPodSandboxMetricsStream = "StreamPodSandboxMetrics";
     }
 }
