@@ -5,6 +5,7 @@ mod container;
 mod image;
 mod pod;
 mod runtime;
+mod stats;
 
 use crate::config::Config;
 use crate::container::ContainerManager;
@@ -60,6 +61,8 @@ pub struct Daemon {
     pub images: ImageManager,
     pub pods: Arc<PodManager>,
     pub containers: Arc<ContainerManager>,
+    pub container_stats: crate::container::stats::ContainerStats,
+    pub pod_stats: crate::pod::stats::PodStats,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -111,11 +114,17 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
     let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
+    let container_stats = crate::container::stats::ContainerStats::new(
+        images.container_fs_dir(),
+        Duration::from_secs(config.stats.writable_layer_interval_secs),
+    );
     let daemon = Arc::new(Daemon {
         config,
         images,
         pods,
         containers,
+        container_stats,
+        pod_stats: crate::pod::stats::PodStats::new(),
     });
     let socket = daemon.config.socket.clone();
 
