@@ -646,3 +646,103 @@ async fn pod_stats_network_and_metrics() {
     assert!(val(&rx.value) >= 3000);
     env.finish().await;
 }
+
+/// Measurement, not a check of speed (run it by hand:
+/// `cargo nextest run --release --test stats --run-ignored only`): the time
+/// of ListContainerStats/ListPodSandboxStats with 100 running containers in
+/// 10 pods, and, when strace is installed, the files the daemon opens for one
+/// ListContainerStats call.
+#[tokio::test]
+#[ignore = "measurement: 100 containers; run by hand"]
+async fn list_stats_of_100_containers() {
+    let mut env = start().await;
+    for p in 0..10 {
+        let name = format!("many{p}");
+        let pod = env.pod(&name, cri::NamespaceMode::Pod).await;
+        for c in 0..10 {
+            env.run(&pod, &name, sh(&format!("c{c}"), "exec sleep 1000", &[]))
+                .await;
+        }
+    }
+    let list = cri::ListContainerStatsRequest { filter: None };
+    // Warm up: the first call queues the writable layer walks.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let s = env
+            .rt
+            .list_container_stats(list.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .stats;
+        assert_eq!(s.len(), 100);
+        if s.iter().all(|s| s.writable_layer.is_some()) {
+            assert!(s.iter().all(|s| s.cpu.is_some() && s.memory.is_some()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "walks never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        env.rt.list_container_stats(list.clone()).await.unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let mut pod_times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = env
+            .rt
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner();
+        pod_times.push(t.elapsed());
+        assert_eq!(r.stats.len(), 10);
+    }
+    pod_times.sort();
+    eprintln!(
+        "ListContainerStats, 100 containers: median {:?}, max {:?}; \
+         ListPodSandboxStats, 10 pods: median {:?}, max {:?}",
+        times[10], times[19], pod_times[10], pod_times[19]
+    );
+    let pid = env.berth.pid().unwrap();
+    if let Ok(st) = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            "trace=openat,execve,clone,clone3,fork,vfork",
+        ])
+        .args(["-o", "/dev/stderr", "-p", &pid.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        env.rt.list_container_stats(list.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(st.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let out = st.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        let opens = text.lines().filter(|l| l.contains("openat(")).count();
+        let spawns = text
+            .lines()
+            .filter(|l| l.contains("execve(") || l.contains("fork(") || l.contains("clone"))
+            .count();
+        eprintln!("one ListContainerStats of 100: {opens} files opened, {spawns} clone/exec calls");
+        let mut by_name: std::collections::BTreeMap<String, usize> = Default::default();
+        for l in text.lines().filter(|l| l.contains("openat(")) {
+            if let Some(path) = l.split('"').nth(1) {
+                let base = path.rsplit('/').next().unwrap_or(path).to_string();
+                *by_name.entry(base).or_default() += 1;
+            }
+        }
+        eprintln!("opened by file name: {by_name:?}");
+    }
+    env.finish().await;
+}

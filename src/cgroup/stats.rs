@@ -273,8 +273,9 @@ fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
-/// Samples a cgroup v2 directory: ten small reads of cgroupfs files, each
-/// optional (a controller not enabled there just leaves its fields out).
+/// Samples a cgroup v2 directory: up to ten small reads of cgroupfs files
+/// (no disk I/O), each optional (a controller not enabled there just leaves
+/// its fields out).
 pub fn read_cgroup(dir: &Path) -> Usage {
     let mut u = Usage::default();
     if let Some(cpu) = read(&dir.join("cpu.stat")) {
@@ -295,10 +296,19 @@ pub fn read_cgroup(dir: &Path) -> Usage {
     u.swap_usage = read(&dir.join("memory.swap.current")).and_then(|s| single_value(&s));
     u.swap_limit = read(&dir.join("memory.swap.max")).and_then(|s| single_value(&s));
     u.processes = read(&dir.join("pids.current")).and_then(|s| single_value(&s));
-    u.cpu_psi = read(&dir.join("cpu.pressure")).and_then(|s| pressure(&s));
-    u.memory_psi = read(&dir.join("memory.pressure")).and_then(|s| pressure(&s));
-    u.io_psi = read(&dir.join("io.pressure")).and_then(|s| pressure(&s));
+    if kernel_has_psi() {
+        u.cpu_psi = read(&dir.join("cpu.pressure")).and_then(|s| pressure(&s));
+        u.memory_psi = read(&dir.join("memory.pressure")).and_then(|s| pressure(&s));
+        u.io_psi = read(&dir.join("io.pressure")).and_then(|s| pressure(&s));
+    }
     u
+}
+
+/// Whether PSI is on (CONFIG_PSI and not booted with psi=0): without it the
+/// three *.pressure reads per cgroup are skipped.
+fn kernel_has_psi() -> bool {
+    static PSI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PSI.get_or_init(|| std::fs::read_to_string("/proc/pressure/cpu").is_ok())
 }
 
 /// Samples one process where no cgroup is in use: two reads.
