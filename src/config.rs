@@ -37,6 +37,23 @@ pub struct Config {
     pub log_level: String,
     pub image: ImageConfig,
     pub cgroup: CgroupConfig,
+    pub stats: StatsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatsConfig {
+    /// Seconds between two walks of one container's writable layer (its disk
+    /// use is served from the last walk in between).
+    pub writable_layer_interval_secs: u64,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            writable_layer_interval_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -71,6 +88,7 @@ impl Default for Config {
             log_level: "info".into(),
             image: ImageConfig::default(),
             cgroup: CgroupConfig::default(),
+            stats: StatsConfig::default(),
         }
     }
 }
@@ -208,6 +226,11 @@ mode = "auto"
 # Run containers whose requested limits need a missing controller (warning
 # once per controller) instead of failing CreateContainer.
 allow_missing_controllers = false
+
+[stats]
+# Seconds between two walks of a container's writable layer (upper directory)
+# for its disk use; stats calls in between serve the last walk's result.
+writable_layer_interval_secs = {wli}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -217,6 +240,7 @@ allow_missing_controllers = false
         certs_dir = d.image.certs_dir.display(),
         mcd = d.image.max_concurrent_downloads,
         rts = d.image.registry_timeout_secs,
+        wli = d.stats.writable_layer_interval_secs,
     )
 }
 

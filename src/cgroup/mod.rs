@@ -5,6 +5,8 @@
 //! Hybrid hosts (cgroup2 only at /sys/fs/cgroup/unified) are left alone in
 //! `auto` mode: their v2 side belongs to systemd and has no controllers.
 
+pub mod stats;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

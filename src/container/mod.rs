@@ -3,6 +3,7 @@
 //! the monitor's pidfd, stop/remove/exec.
 
 pub mod spec;
+pub mod stats;
 
 use crate::image::store::{hex_of, ImageRecord};
 use crate::linux::process::{self, ProcessId};

@@ -7,6 +7,7 @@
 
 mod files;
 pub mod pause;
+pub mod stats;
 
 use crate::linux::process::{self, Namespaces, ProcessId};
 use crate::linux::{netns, LinuxError};

@@ -7,6 +7,7 @@ mod events;
 mod image;
 mod pod;
 mod runtime;
+mod stats;
 
 use crate::config::Config;
 use crate::container::ContainerManager;
@@ -63,6 +64,8 @@ pub struct Daemon {
     pub pods: Arc<PodManager>,
     pub containers: Arc<ContainerManager>,
     pub events: events::Events,
+    pub container_stats: crate::container::stats::ContainerStats,
+    pub pod_stats: crate::pod::stats::PodStats,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -114,12 +117,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
     let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
+    let container_stats = crate::container::stats::ContainerStats::new(
+        images.container_fs_dir(),
+        Duration::from_secs(config.stats.writable_layer_interval_secs),
+    );
     let daemon = Arc::new(Daemon {
         config,
         images,
         pods,
         containers,
         events: events::Events::default(),
+        container_stats,
+        pod_stats: crate::pod::stats::PodStats::new(),
     });
     events::forward_exits(daemon.clone());
     let socket = daemon.config.socket.clone();

@@ -1,7 +1,7 @@
 //! RuntimeService: runtime info now; pods and containers land with their issues.
 
 use super::events::Kind;
-use super::{container, pod, rpc, Daemon};
+use super::{container, pod, rpc, stats, Daemon};
 use cri_proto::v1 as cri;
 use cri_proto::v1::runtime_service_server::RuntimeService;
 use std::collections::HashMap;
@@ -508,17 +508,73 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let req = req.into_inner();
+        rpc("ContainerStats", &req.container_id.clone(), async {
+            stats::container_stats(&self.0, req).await
+        })
+        .await
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        rpc("ListContainerStats", "", async {
+            stats::list_container_stats(&self.0, req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let req = req.into_inner();
+        rpc("PodSandboxStats", &req.pod_sandbox_id.clone(), async {
+            stats::pod_sandbox_stats(&self.0, req).await
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        rpc("ListPodSandboxStats", "", async {
+            stats::list_pod_sandbox_stats(&self.0, req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        rpc("ListMetricDescriptors", "", async {
+            Ok(stats::list_metric_descriptors())
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        rpc("ListPodSandboxMetrics", "", async {
+            stats::list_pod_sandbox_metrics(&self.0).await
+        })
+        .await
+    }
+
     not_yet! {
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
-        container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
-        list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
-        pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";
-        list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest) -> cri::ListPodSandboxStatsResponse = "ListPodSandboxStats";
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse = "CheckpointContainer";
-        list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
-        list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
     }
 
     type StreamPodSandboxesStream = Stream<cri::StreamPodSandboxesResponse>;
