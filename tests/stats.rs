@@ -347,7 +347,9 @@ async fn container_stats_follow_the_workload() {
         "busy loop burned only {burned} ns: {before:?} -> {after:?}"
     );
     assert!(after.timestamp > before.timestamp);
-    assert!(val(&after.usage_nano_cores) > 0, "{after:?}");
+    // The rate's value depends on when the previous sample was taken (the
+    // loop may be over by then); its arithmetic has unit tests.
+    assert!(after.usage_nano_cores.is_some(), "{after:?}");
     env.finish().await;
 }
 
