@@ -37,6 +37,26 @@ pub struct Config {
     pub log_level: String,
     pub image: ImageConfig,
     pub cgroup: CgroupConfig,
+    pub container: ContainerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainerConfig {
+    /// RLIMIT_NOFILE of container processes (soft, hard). The hard limit is
+    /// capped at berth's own (raising it needs CAP_SYS_RESOURCE).
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        // What containerd 2 gives: select()-safe soft limit, generous hard one.
+        ContainerConfig {
+            nofile_soft: 1024,
+            nofile_hard: 524288,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -71,6 +91,7 @@ impl Default for Config {
             log_level: "info".into(),
             image: ImageConfig::default(),
             cgroup: CgroupConfig::default(),
+            container: ContainerConfig::default(),
         }
     }
 }
@@ -154,6 +175,12 @@ impl Config {
                 });
             }
         }
+        if self.container.nofile_soft > self.container.nofile_hard {
+            return Err(ConfigError::Invalid {
+                key: "container.nofile_soft",
+                reason: "must not exceed container.nofile_hard".into(),
+            });
+        }
         if self.image.max_concurrent_downloads == 0 {
             return Err(ConfigError::Invalid {
                 key: "image.max_concurrent_downloads",
@@ -208,6 +235,12 @@ mode = "auto"
 # Run containers whose requested limits need a missing controller (warning
 # once per controller) instead of failing CreateContainer.
 allow_missing_controllers = false
+
+[container]
+# RLIMIT_NOFILE of container processes. The hard limit is capped at berth's
+# own hard limit (raising it would need CAP_SYS_RESOURCE).
+nofile_soft = {nofile_soft}
+nofile_hard = {nofile_hard}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -217,6 +250,8 @@ allow_missing_controllers = false
         certs_dir = d.image.certs_dir.display(),
         mcd = d.image.max_concurrent_downloads,
         rts = d.image.registry_timeout_secs,
+        nofile_soft = d.container.nofile_soft,
+        nofile_hard = d.container.nofile_hard,
     )
 }
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -326,6 +327,19 @@ def busybox_entries(busybox_bytes):
     return entries
 
 
+def euid_elf():
+    """A minimal static x86_64 ELF: exit(geteuid())."""
+    code = bytes.fromhex("b86b0000000f0589c7b83c0000000f05")
+    base, off = 0x400000, 64 + 56
+    total = off + len(code)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) +
+            struct.pack("<HHIQQQIHHHHHH", 2, 0x3e, 1, base + off, 64, 0, 0,
+                        64, 56, 1, 0, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total,
+                       0x1000)
+    return ehdr + phdr + code
+
+
 def build_all(out, busybox_bytes, log):
     built = []
     bb = Layer(busybox_entries(busybox_bytes), comment="busybox")
@@ -360,6 +374,15 @@ def build_all(out, busybox_bytes, log):
     # users --------------------------------------------------------------
     simple("user-numeric", [bb], user="1000:1000")
     simple("user-named", [bb], user="app")
+
+    simple("user-name-group", [bb], user="app:extra")
+
+    # security -----------------------------------------------------------
+    # /bin/euid: a setuid-root program exiting with its effective uid (mod
+    # 256), to see whether no_new_privs stops the gain.
+    sec = Layer([d("bin"), f("bin/euid", euid_elf(), mode=0o4755)],
+                comment="setuid euid probe")
+    simple("security", [bb, sec])
 
     # zstd ---------------------------------------------------------------
     zbb = Layer(busybox_entries(busybox_bytes), how="zstd", comment="busybox")

@@ -2,10 +2,14 @@
 //! says why it is sound. Callers get plain functions over paths and pids.
 
 pub mod exec;
+pub mod identity;
 pub mod init;
+pub mod mountattr;
 pub mod netns;
 pub mod process;
+pub mod seccomp;
 pub mod shm;
+pub mod sysctl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {
