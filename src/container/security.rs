@@ -304,7 +304,9 @@ fn host_devices(host: &Path, dest: &Path) -> Result<Vec<Value>, String> {
                 continue;
             }
             let Ok(ft) = e.file_type() else { continue };
-            if ft.is_symlink() {
+            // Only device nodes (and directories of them): no symlinks,
+            // sockets or regular files.
+            if !(ft.is_dir() || ft.is_char_device() || ft.is_block_device()) {
                 continue;
             }
             out.extend(host_devices(&e.path(), &dest.join(&name))?);

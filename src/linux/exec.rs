@@ -362,6 +362,7 @@ fn exec_message(argv0: &str, errno: i32) -> String {
 fn stage_name(stage: i32) -> &'static str {
     if let Some(step) = super::identity::Step::from_index(stage - ST_IDENTITY) {
         return match step {
+            super::identity::Step::OomScoreAdj => "exec: set oom_score_adj in",
             super::identity::Step::Rlimit => "exec: set rlimit in",
             super::identity::Step::AppArmor => "exec: set AppArmor profile in",
             super::identity::Step::KeepCaps => "exec: prctl(PR_SET_KEEPCAPS) in",

@@ -17,7 +17,8 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
 pub enum Step {
-    Rlimit = 0,
+    OomScoreAdj = 0,
+    Rlimit,
     AppArmor,
     KeepCaps,
     Bounding,
@@ -30,7 +31,8 @@ pub enum Step {
     Seccomp,
 }
 
-const STEPS: [(Step, &str); 11] = [
+const STEPS: [(Step, &str); 12] = [
+    (Step::OomScoreAdj, "write /proc/self/oom_score_adj"),
     (Step::Rlimit, "set rlimit"),
     (Step::AppArmor, "set AppArmor profile"),
     (Step::KeepCaps, "prctl(PR_SET_KEEPCAPS)"),
@@ -75,6 +77,8 @@ pub struct Identity {
     caps: Option<Caps>,
     no_new_privs: bool,
     rlimits: Vec<(libc::c_int, libc::rlimit64)>,
+    /// The value for /proc/self/oom_score_adj (the container's already).
+    oom_score_adj: Option<CString>,
     seccomp: Vec<BpfProgram>,
     /// (attr file, "exec <profile>")
     apparmor: Option<(CString, CString)>,
@@ -148,6 +152,7 @@ impl Identity {
             caps: None,
             no_new_privs: false,
             rlimits: Vec::new(),
+            oom_score_adj: None,
             seccomp: Vec::new(),
             apparmor: None,
         }
@@ -168,11 +173,16 @@ impl Identity {
         let caps = match p.capabilities() {
             None => None,
             Some(c) => {
+                // Only what berth holds can be kept (on a host without
+                // CAP_SYS_RESOURCE, "all capabilities" means all but it).
+                let held = caps::read(None, caps::CapSet::Permitted)
+                    .map(|set| set.iter().fold(0u64, |m, c| m | c.bitmask()))
+                    .map_err(|e| format!("read berth's capabilities: {e}"))?;
                 let bounding = mask_of(c.bounding().as_ref())?;
-                let mut effective = mask_of(c.effective().as_ref())?;
-                let mut permitted = mask_of(c.permitted().as_ref())?;
-                let inheritable = mask_of(c.inheritable().as_ref())?;
-                let ambient_mask = mask_of(c.ambient().as_ref())?;
+                let mut effective = mask_of(c.effective().as_ref())? & held;
+                let mut permitted = mask_of(c.permitted().as_ref())? & held;
+                let inheritable = mask_of(c.inheritable().as_ref())? & held;
+                let ambient_mask = mask_of(c.ambient().as_ref())? & held;
                 // Installing a filter without no_new_privs needs
                 // CAP_SYS_ADMIN. It is held until the exec, which drops it:
                 // it is in neither the bounding, inheritable nor ambient set.
@@ -229,6 +239,9 @@ impl Identity {
             caps,
             no_new_privs,
             rlimits,
+            oom_score_adj: p
+                .oom_score_adj()
+                .map(|v| CString::new(v.to_string()).unwrap_or_default()),
             seccomp,
             apparmor,
         })
@@ -244,6 +257,9 @@ impl Identity {
                 Ok(())
             }
         };
+        if let Some(v) = &self.oom_score_adj {
+            write_file(c"/proc/self/oom_score_adj", v).map_err(|e| (Step::OomScoreAdj, e))?;
+        }
         for (res, lim) in &self.rlimits {
             // SAFETY: prlimit64 on ourselves with a live rlimit64; no old value.
             let r = unsafe {
@@ -258,18 +274,7 @@ impl Identity {
             check(r, Step::Rlimit)?;
         }
         if let Some((path, value)) = &self.apparmor {
-            // SAFETY: open/write/close on NUL-terminated strings we own.
-            unsafe {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                check(fd as libc::c_long, Step::AppArmor)?;
-                let bytes = value.as_bytes();
-                let w = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
-                let e = errno();
-                libc::close(fd);
-                if w < 0 {
-                    return Err((Step::AppArmor, e));
-                }
-            }
+            write_file(path, value).map_err(|e| (Step::AppArmor, e))?;
         }
         if let Some(c) = &self.caps {
             // SAFETY: prctl with integer arguments only.
@@ -376,6 +381,26 @@ struct CapData {
     effective: u32,
     permitted: u32,
     inheritable: u32,
+}
+
+/// Writes `value` to `path` with raw open/write/close; the errno on failure.
+fn write_file(path: &std::ffi::CStr, value: &std::ffi::CStr) -> Result<(), i32> {
+    // SAFETY: open/write/close on NUL-terminated strings we borrow; the fd
+    // is ours and closed before returning.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(errno());
+        }
+        let bytes = value.to_bytes();
+        let w = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let e = errno();
+        libc::close(fd);
+        if w < 0 {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn errno() -> i32 {

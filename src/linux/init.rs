@@ -157,8 +157,18 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let fifo: OwnedFd = open(p.fifo, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("open exec fifo {}: {e}", p.fifo.display()))?;
 
+    // A handle on the old root: after pivot_root, "." and "/" both name
+    // the new one.
+    let old_root: OwnedFd = open(
+        "/",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open the old root: {e}"))?;
     chdir(&root).map_err(|e| format!("chdir rootfs: {e}"))?;
     pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    nix::unistd::fchdir(&old_root).map_err(|e| format!("fchdir old root: {e}"))?;
+    drop(old_root);
     // The old root may hold mounts shared with the host: detaching them must
     // not propagate there.
     mount(
@@ -171,6 +181,10 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     .map_err(|e| format!("make the old root a slave: {e}"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    let cwd = process.cwd();
+    std::fs::create_dir_all(cwd).map_err(|e| format!("working dir {}: {e}", cwd.display()))?;
+    chdir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    // After the working directory exists.
     if spec
         .root()
         .as_ref()
@@ -186,19 +200,11 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         )
         .map_err(|e| format!("make the root read-only: {e}"))?;
     }
-
-    let cwd = process.cwd();
-    std::fs::create_dir_all(cwd).map_err(|e| format!("working dir {}: {e}", cwd.display()))?;
-    chdir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
     let args = process.args().clone().unwrap_or_default();
     let env = process.env().clone().unwrap_or_default();
     let start_error =
         resolve_executable(args.first().map(String::as_str).unwrap_or(""), &env).err();
 
-    if let Some(adj) = process.oom_score_adj() {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
-    }
     identity.enter().map_err(|(step, e)| {
         format!(
             "{} (uid {}, gid {}): {}",

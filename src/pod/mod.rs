@@ -597,9 +597,11 @@ fn check_sysctls(spec: &PodSpec) -> Result<(), PodError> {
                     "sysctl {name:?} would change the node's network: the pod uses the host network"
                 )))
             }
-            Some(Kind::Ipc) if spec.ipc == NsMode::Node => return Err(PodError::Invalid(format!(
+            Some(Kind::Ipc) if spec.ipc == NsMode::Node => {
+                return Err(PodError::Invalid(format!(
                 "sysctl {name:?} would change the node's IPC namespace: the pod uses the host IPC"
-            ))),
+            )))
+            }
             Some(_) => {}
         }
     }
