@@ -329,6 +329,9 @@ fn profile(t: cri::security_profile::ProfileType, r: &str) -> Option<cri::Securi
     })
 }
 
+/// Sets up a container security context.
+type SetSc = Box<dyn FnOnce(&mut cri::LinuxContainerSecurityContext)>;
+
 /// `Field:\tvalue` of a /proc/<pid>/status text.
 fn field(status: &str, name: &str) -> String {
     status
@@ -1217,12 +1220,7 @@ async fn users_groups_and_status_user() {
     let mut env = start_with(&["user-name-group", "user-named"]).await;
     let pod = env.pod("users").await;
     let probe = "id -u; id -g; id -G; echo READY; exec sleep 1000";
-    let cases: Vec<(
-        &str,
-        &str,
-        Box<dyn FnOnce(&mut cri::LinuxContainerSecurityContext)>,
-        &str,
-    )> = vec![
+    let cases: Vec<(&str, &str, SetSc, &str)> = vec![
         // Image USER "app:extra": names through /etc/passwd and /etc/group.
         (
             "namegroup",
@@ -1288,7 +1286,7 @@ async fn users_groups_and_status_user() {
             "ghost",
             Box::new(|sc: &mut cri::LinuxContainerSecurityContext| {
                 sc.run_as_username = "ghost".into()
-            }) as Box<dyn FnOnce(&mut cri::LinuxContainerSecurityContext)>,
+            }) as SetSc,
         ),
         (
             "run_as_group",
