@@ -237,9 +237,11 @@ mode = "auto"
 allow_missing_controllers = false
 
 [container]
-# RLIMIT_NOFILE of container processes. The hard limit is capped at berth's
-# own hard limit (raising it would need CAP_SYS_RESOURCE).
+# RLIMIT_NOFILE soft limit of container processes.
 nofile_soft = {nofile_soft}
+
+# RLIMIT_NOFILE hard limit, capped at berth's own hard limit (raising it
+# would need CAP_SYS_RESOURCE).
 nofile_hard = {nofile_hard}
 "#,
         socket = d.socket.display(),

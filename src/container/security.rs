@@ -207,12 +207,19 @@ pub fn resolve(c: &ContainerSpec, nofile_limit: (u64, u64)) -> Result<Resolved, 
             )?),
         }
     };
-    if let Some(v) = &seccomp {
-        // Compiled now so that a bad profile fails CreateContainer.
-        let parsed: oci_spec::runtime::LinuxSeccomp =
-            serde_json::from_value(v.clone()).map_err(|e| format!("seccomp profile: {e}"))?;
-        crate::linux::seccomp::compile(&parsed)?;
-    }
+    let seccomp = match seccomp {
+        None => None,
+        Some(v) => {
+            // Compiled now so that a bad profile fails CreateContainer; the
+            // spec keeps the names this architecture has (the init then
+            // compiles it in one go).
+            let parsed: oci_spec::runtime::LinuxSeccomp =
+                serde_json::from_value(v).map_err(|e| format!("seccomp profile: {e}"))?;
+            let parsed = crate::linux::seccomp::known_only(&parsed);
+            crate::linux::seccomp::compile(&parsed)?;
+            Some(serde_json::to_value(&parsed).map_err(|e| format!("seccomp profile: {e}"))?)
+        }
+    };
     let apparmor = match (&s.apparmor, apparmor_enabled()) {
         (Profile::Localhost(name), true) if !s.privileged => Some(name.clone()),
         (Profile::Localhost(name), false) => {

@@ -156,12 +156,43 @@ fn compile_one(
     mismatched: &Value,
 ) -> Result<BpfProgram, String> {
     let name = format!("f{i}");
-    let skip: BTreeSet<String> = rules.keys().filter(|n| !known(n)).cloned().collect();
-    let doc = json!({ &name: filter_json(rules, matched, mismatched, &skip) });
-    seccompiler::compile_from_json(doc.to_string().as_bytes(), target())
-        .map_err(|e| format!("seccomp: {e}"))?
-        .remove(&name)
+    let build = |skip: &BTreeSet<String>| {
+        let doc = json!({ &name: filter_json(rules, matched, mismatched, skip) });
+        seccompiler::compile_from_json(doc.to_string().as_bytes(), target())
+    };
+    // Profiles berth wrote hold known names only: one compile. Otherwise the
+    // unknown names are found one by one and left out.
+    let map = match build(&BTreeSet::new()) {
+        Ok(m) => m,
+        Err(_) => {
+            let skip: BTreeSet<String> = rules.keys().filter(|n| !known(n)).cloned().collect();
+            build(&skip).map_err(|e| format!("seccomp: {e}"))?
+        }
+    };
+    map.into_iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
         .ok_or_else(|| "seccomp: the compiler returned no filter".to_string())
+}
+
+/// The profile without the syscall names this architecture lacks.
+pub fn known_only(profile: &LinuxSeccomp) -> LinuxSeccomp {
+    let mut p = profile.clone();
+    if let Some(list) = p.syscalls().clone() {
+        let kept: Vec<_> = list
+            .into_iter()
+            .filter_map(|mut sc| {
+                let names: Vec<String> = sc.names().iter().filter(|n| known(n)).cloned().collect();
+                if names.is_empty() {
+                    return None;
+                }
+                sc.set_names(names);
+                Some(sc)
+            })
+            .collect();
+        p.set_syscalls(Some(kept));
+    }
+    p
 }
 
 /// Whether the target's syscall table has `name` (seccompiler does not
