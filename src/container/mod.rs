@@ -373,8 +373,7 @@ impl ContainerManager {
 
     fn monitor_exited(&self, id: &str) {
         let exit: Option<ExitRecord> = read_json(&self.cdir(id).join("exit.json")).ok().flatten();
-        let mut recs = lock(&self.records);
-        let Some(rec) = recs.get_mut(id) else {
+        let Some(mut rec) = lock(&self.records).get(id).cloned() else {
             return;
         };
         if rec.state == ContainerState::Exited {
@@ -409,10 +408,38 @@ impl ContainerManager {
             rec.message = "the container exited before it was started".into();
         }
         rec.state = ContainerState::Exited;
-        let rec = rec.clone();
-        drop(recs);
+        // On disk before anyone can see "exited": a StopContainer waiting for
+        // it may go on to RemoveContainer, which deletes the directory.
         if let Err(e) = self.persist(&rec) {
             tracing::error!(container = %id, error = %e, "cannot record container exit");
+        }
+        // StartContainer may have updated the record meanwhile: keep its
+        // fields, take the exit's.
+        let again = {
+            let mut recs = lock(&self.records);
+            match recs.get_mut(id) {
+                Some(r) if r.state != ContainerState::Exited => {
+                    let changed = r.started_at != rec.started_at;
+                    r.exit_code = rec.exit_code;
+                    r.finished_at = rec.finished_at;
+                    r.reason = rec.reason.clone();
+                    if r.started_at != 0
+                        && rec.message == "the container exited before it was started"
+                    {
+                        r.message.clear();
+                    } else {
+                        r.message = rec.message.clone();
+                    }
+                    r.state = ContainerState::Exited;
+                    changed.then(|| r.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(r) = again {
+            if let Err(e) = self.persist(&r) {
+                tracing::error!(container = %id, error = %e, "cannot record container exit");
+            }
         }
         tracing::info!(container = %id, exit_code = rec.exit_code, "container exited");
     }
