@@ -957,6 +957,24 @@ async fn mount_propagation_both_ways() {
             "host sees {name}'s mount:\n{mountinfo}"
         );
     }
+    // A source that is not on a shared mount cannot propagate anything.
+    let private = env.berth.dir.join("private-dir");
+    std::fs::create_dir_all(&private).unwrap();
+    for mode in [
+        cri::MountPropagation::PropagationBidirectional,
+        cri::MountPropagation::PropagationHostToContainer,
+    ] {
+        let mut cfg = ctr("bad", "busybox", "true");
+        cfg.mounts = vec![cri::Mount {
+            container_path: "/mnt/p".into(),
+            host_path: private.display().to_string(),
+            propagation: mode as i32,
+            ..Default::default()
+        }];
+        let e = env.create(&pod, cfg).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("propagation"), "{e:?}");
+    }
     env.rt
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pod,

@@ -533,6 +533,33 @@ impl ContainerManager {
                     m.container_path
                 )));
             }
+            if m.propagation != Propagation::Private {
+                // As containerd: propagation needs a source mount that has it.
+                let (shared, slave) =
+                    crate::linux::mountattr::propagation_of(Path::new(&m.host_path))
+                        .unwrap_or((false, false));
+                let ok = match m.propagation {
+                    Propagation::Bidirectional => shared,
+                    _ => shared || slave,
+                };
+                if !ok {
+                    return Err(ContainerError::Invalid(format!(
+                        "mount {}: {} propagation needs {} to be on a {} mount",
+                        m.container_path,
+                        if m.propagation == Propagation::Bidirectional {
+                            "bidirectional"
+                        } else {
+                            "host-to-container"
+                        },
+                        m.host_path,
+                        if m.propagation == Propagation::Bidirectional {
+                            "shared"
+                        } else {
+                            "shared or slave"
+                        }
+                    )));
+                }
+            }
             if std::fs::metadata(&m.host_path).is_err() {
                 return Err(ContainerError::Invalid(format!(
                     "mount source {:?} (for {}) does not exist",

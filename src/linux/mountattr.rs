@@ -68,16 +68,33 @@ pub fn make_recursively_readonly(path: &Path) -> std::io::Result<()> {
 
 /// The mount point (in this process's mount namespace) holding `path`.
 pub fn mount_point_of(path: &Path) -> std::io::Result<PathBuf> {
+    Ok(mount_of(path)?.0)
+}
+
+/// How the mount holding `path` propagates: (shared, slave).
+pub fn propagation_of(path: &Path) -> std::io::Result<(bool, bool)> {
+    let (_, line) = mount_of(path)?;
+    // Optional fields ("shared:N", "master:N") sit between field 6 and "-".
+    let fields: Vec<&str> = line.split(' ').skip(6).take_while(|f| *f != "-").collect();
+    Ok((
+        fields.iter().any(|f| f.starts_with("shared:")),
+        fields.iter().any(|f| f.starts_with("master:")),
+    ))
+}
+
+/// The mount point holding `path` and its mountinfo line (the last mounted
+/// on the longest matching mount point: the one on top).
+fn mount_of(path: &Path) -> std::io::Result<(PathBuf, String)> {
     let path = std::fs::canonicalize(path)?;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mut best = PathBuf::from("/");
+    let mut best = (PathBuf::from("/"), String::new());
     for line in info.lines() {
         let Some(mp) = line.split(' ').nth(4) else {
             continue;
         };
         let mp = PathBuf::from(unescape(mp));
-        if path.starts_with(&mp) && mp.components().count() > best.components().count() {
-            best = mp;
+        if path.starts_with(&mp) && mp.components().count() >= best.0.components().count() {
+            best = (mp, line.to_string());
         }
     }
     Ok(best)
