@@ -211,6 +211,9 @@ fn known(name: &str) -> bool {
 /// Installs `filters` on the calling thread in order. Raw syscalls only (safe
 /// between clone and exec in a multi-threaded process). Needs no_new_privs or
 /// CAP_SYS_ADMIN. Returns the errno of the failing call.
+///
+/// Hand-written rather than seccompiler's `apply_filter`, which always sets
+/// no_new_privs (a container may run without it) and allocates an error.
 pub fn install(filters: &[BpfProgram]) -> Result<(), i32> {
     for f in filters {
         let prog = libc::sock_fprog {
