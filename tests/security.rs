@@ -817,6 +817,21 @@ async fn sysctls_in_pod_namespaces() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("host network"), "{e:?}");
+    let e = env
+        .try_pod("bad3", |l| {
+            l.sysctls.insert("kernel.shmmax".into(), "1".into());
+            l.security_context
+                .as_mut()
+                .unwrap()
+                .namespace_options
+                .as_mut()
+                .unwrap()
+                .ipc = cri::NamespaceMode::Node as i32;
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("host IPC"), "{e:?}");
     env.finish().await;
 }
 
