@@ -38,6 +38,7 @@ pub struct Config {
     pub image: ImageConfig,
     pub cgroup: CgroupConfig,
     pub stats: StatsConfig,
+    pub container: ContainerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +53,25 @@ impl Default for StatsConfig {
     fn default() -> Self {
         StatsConfig {
             writable_layer_interval_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainerConfig {
+    /// RLIMIT_NOFILE of container processes (soft, hard). The hard limit is
+    /// capped at berth's own (raising it needs CAP_SYS_RESOURCE).
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        // What containerd 2 gives: select()-safe soft limit, generous hard one.
+        ContainerConfig {
+            nofile_soft: 1024,
+            nofile_hard: 524288,
         }
     }
 }
@@ -89,6 +109,7 @@ impl Default for Config {
             image: ImageConfig::default(),
             cgroup: CgroupConfig::default(),
             stats: StatsConfig::default(),
+            container: ContainerConfig::default(),
         }
     }
 }
@@ -172,6 +193,12 @@ impl Config {
                 });
             }
         }
+        if self.container.nofile_soft > self.container.nofile_hard {
+            return Err(ConfigError::Invalid {
+                key: "container.nofile_soft",
+                reason: "must not exceed container.nofile_hard".into(),
+            });
+        }
         if self.image.max_concurrent_downloads == 0 {
             return Err(ConfigError::Invalid {
                 key: "image.max_concurrent_downloads",
@@ -231,6 +258,13 @@ allow_missing_controllers = false
 # Seconds between two walks of a container's writable layer (upper directory)
 # for its disk use; stats calls in between serve the last walk's result.
 writable_layer_interval_secs = {wli}
+[container]
+# RLIMIT_NOFILE soft limit of container processes.
+nofile_soft = {nofile_soft}
+
+# RLIMIT_NOFILE hard limit, capped at berth's own hard limit (raising it
+# would need CAP_SYS_RESOURCE).
+nofile_hard = {nofile_hard}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -241,6 +275,8 @@ writable_layer_interval_secs = {wli}
         mcd = d.image.max_concurrent_downloads,
         rts = d.image.registry_timeout_secs,
         wli = d.stats.writable_layer_interval_secs,
+        nofile_soft = d.container.nofile_soft,
+        nofile_hard = d.container.nofile_hard,
     )
 }
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -326,6 +327,42 @@ def busybox_entries(busybox_bytes):
     return entries
 
 
+def euid_elf():
+    """A minimal static x86_64 ELF: exit(geteuid())."""
+    return tiny_elf(bytes.fromhex("b86b0000000f0589c7b83c0000000f05"))
+
+
+def keyctl_probe_elf():
+    """keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0): exits 0
+    on success, else with the errno."""
+    code = bytes.fromhex(
+        "b8fa000000"    # mov eax, 250 (keyctl)
+        "bf00000000"    # mov edi, 0 (KEYCTL_GET_KEYRING_ID)
+        "befdffffff"    # mov esi, -3 (KEY_SPEC_SESSION_KEYRING)
+        "31d2"          # xor edx, edx
+        "0f05"          # syscall
+        "85c0"          # test eax, eax
+        "7802"          # js +2: keep a negative errno
+        "31c0"          # xor eax, eax: success exits 0
+        "f7d8"          # neg eax
+        "89c7"          # mov edi, eax
+        "b83c000000"    # mov eax, 60 (exit)
+        "0f05")         # syscall
+    return tiny_elf(code)
+
+
+def tiny_elf(code):
+    """A static x86_64 ELF whose only segment is `code`."""
+    base, off = 0x400000, 64 + 56
+    total = off + len(code)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) +
+            struct.pack("<HHIQQQIHHHHHH", 2, 0x3e, 1, base + off, 64, 0, 0,
+                        64, 56, 1, 0, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total,
+                       0x1000)
+    return ehdr + phdr + code
+
+
 def build_all(out, busybox_bytes, log):
     built = []
     bb = Layer(busybox_entries(busybox_bytes), comment="busybox")
@@ -360,6 +397,18 @@ def build_all(out, busybox_bytes, log):
     # users --------------------------------------------------------------
     simple("user-numeric", [bb], user="1000:1000")
     simple("user-named", [bb], user="app")
+
+    simple("user-name-group", [bb], user="app:extra")
+
+    # security -----------------------------------------------------------
+    # /bin/euid: a setuid-root program exiting with its effective uid (mod
+    # 256), to see whether no_new_privs stops the gain.
+    # /bin/keyctl-probe: exits 0 if keyctl works, else with its errno (1,
+    # EPERM, when a seccomp filter refuses it).
+    sec = Layer([d("bin"), f("bin/euid", euid_elf(), mode=0o4755),
+                 f("bin/keyctl-probe", keyctl_probe_elf(), mode=0o755)],
+                comment="setuid euid probe, keyctl probe")
+    simple("security", [bb, sec])
 
     # zstd ---------------------------------------------------------------
     zbb = Layer(busybox_entries(busybox_bytes), how="zstd", comment="busybox")

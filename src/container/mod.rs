@@ -2,8 +2,11 @@
 //! crash-safe records under `<root>/containers/<id>/`, exit tracking through
 //! the monitor's pidfd, stop/remove/exec.
 
+pub mod seccomp_profile;
+pub mod security;
 pub mod spec;
 pub mod stats;
+pub mod user;
 
 use crate::image::store::{hex_of, ImageRecord};
 use crate::linux::process::{self, ProcessId};
@@ -69,6 +72,9 @@ pub struct MountSpec {
     pub host_path: String,
     pub readonly: bool,
     pub propagation: Propagation,
+    /// With `readonly`: sub-mounts read-only too (mount_setattr).
+    #[serde(default)]
+    pub recursive_readonly: bool,
 }
 
 /// What a container was asked to be (from the CRI ContainerConfig).
@@ -93,7 +99,8 @@ pub struct ContainerSpec {
     pub run_as_user: Option<i64>,
     pub run_as_group: Option<i64>,
     pub run_as_username: String,
-    pub host_pid: bool,
+    #[serde(default)]
+    pub security: security::SecuritySpec,
     pub resources: crate::cgroup::Resources,
     /// From the CRI config ("SIGTERM"...); empty: the image's, else SIGTERM.
     #[serde(default)]
@@ -170,7 +177,10 @@ pub struct PodInfo {
     pub netns: Option<PathBuf>,
     pub infra_pid: i32,
     pub share_pid: bool,
+    pub host_pid: bool,
     pub host_ipc: bool,
+    /// LinuxSandboxSecurityContext.privileged: only then may its containers be.
+    pub privileged: bool,
     pub host_uts: bool,
     pub hostname: String,
     pub files_dir: PathBuf,
@@ -189,6 +199,8 @@ pub struct ContainerManager {
     resource_updates: Mutex<()>,
     /// Ids of containers whose exit was just recorded (for events).
     exits: tokio::sync::broadcast::Sender<String>,
+    /// RLIMIT_NOFILE (soft, hard) for container processes.
+    nofile: (u64, u64),
 }
 
 /// How long a monitor may take to set the container up and answer.
@@ -205,6 +217,7 @@ impl ContainerManager {
         root: &Path,
         layers_dir: &Path,
         cgroups: Arc<crate::cgroup::Cgroups>,
+        nofile: (u64, u64),
     ) -> Result<Arc<ContainerManager>, ContainerError> {
         let dir = root.join("containers");
         std::fs::create_dir_all(&dir)
@@ -220,9 +233,42 @@ impl ContainerManager {
             records: Mutex::new(BTreeMap::new()),
             resource_updates: Mutex::new(()),
             exits: tokio::sync::broadcast::channel(1024).0,
+            nofile,
         });
         m.reconcile();
         Ok(m)
+    }
+
+    /// The PID namespace for a container of `pod` (see [`security::PidMode`]).
+    fn pid_namespace(&self, pod: &PodInfo, spec: &ContainerSpec) -> Result<spec::PidNs, String> {
+        use security::PidMode;
+        let infra = || spec::PidNs::Join(PathBuf::from(format!("/proc/{}/ns/pid", pod.infra_pid)));
+        Ok(match &spec.security.pid {
+            PidMode::Node => spec::PidNs::Host,
+            PidMode::Container => spec::PidNs::New,
+            PidMode::Pod if pod.share_pid => infra(),
+            PidMode::Pod if pod.host_pid => spec::PidNs::Host,
+            PidMode::Pod => spec::PidNs::New,
+            PidMode::Target(t) => {
+                let target = self
+                    .get(t)
+                    .map_err(|e| format!("pid namespace target: {e}"))?;
+                if target.pod_id != pod.id {
+                    return Err(format!(
+                        "pid namespace target {} is in another pod sandbox",
+                        target.id
+                    ));
+                }
+                match (target.state, target.init) {
+                    (ContainerState::Running | ContainerState::Created, Some(i))
+                        if process::is_alive(i.into()) =>
+                    {
+                        spec::PidNs::Join(PathBuf::from(format!("/proc/{}/ns/pid", i.pid)))
+                    }
+                    _ => return Err(format!("pid namespace target {} is not running", target.id)),
+                }
+            }
+        })
     }
 
     fn cdir(&self, id: &str) -> PathBuf {
@@ -465,6 +511,40 @@ impl ContainerManager {
                     m.container_path
                 )));
             }
+            if m.recursive_readonly && !recursive_readonly_supported() {
+                return Err(ContainerError::Invalid(format!(
+                    "mount {}: recursive read-only mounts need mount_setattr (Linux 5.12), \
+                     which this kernel lacks",
+                    m.container_path
+                )));
+            }
+            if m.propagation != Propagation::Private {
+                // As containerd: propagation needs a source mount that has it.
+                let (shared, slave) =
+                    crate::linux::mountattr::propagation_of(Path::new(&m.host_path))
+                        .unwrap_or((false, false));
+                let ok = match m.propagation {
+                    Propagation::Bidirectional => shared,
+                    _ => shared || slave,
+                };
+                if !ok {
+                    return Err(ContainerError::Invalid(format!(
+                        "mount {}: {} propagation needs {} to be on a {} mount",
+                        m.container_path,
+                        if m.propagation == Propagation::Bidirectional {
+                            "bidirectional"
+                        } else {
+                            "host-to-container"
+                        },
+                        m.host_path,
+                        if m.propagation == Propagation::Bidirectional {
+                            "shared"
+                        } else {
+                            "shared or slave"
+                        }
+                    )));
+                }
+            }
             if std::fs::metadata(&m.host_path).is_err() {
                 return Err(ContainerError::Invalid(format!(
                     "mount source {:?} (for {}) does not exist",
@@ -502,10 +582,19 @@ impl ContainerManager {
             .rev()
             .map(|l| hex_of(&l.chain_id).to_string())
             .collect();
-        let (uid, gid) =
-            resolve_user(&spec, &img, &self.layers_dir, &lowers).map_err(|reason| {
-                ContainerError::Invalid(format!("container {}: {reason}", spec.name))
-            })?;
+        let invalid =
+            |reason: String| ContainerError::Invalid(format!("container {}: {reason}", spec.name));
+        let passwd = read_image_file(&self.layers_dir, &lowers, "etc/passwd").unwrap_or_default();
+        let group = read_image_file(&self.layers_dir, &lowers, "etc/group").unwrap_or_default();
+        let user = user::resolve(&spec, &img.user, &passwd, &group).map_err(invalid)?;
+        if spec.security.privileged && !pod.privileged {
+            return Err(invalid(format!(
+                "privileged containers need a privileged pod sandbox ({} is not)",
+                pod.id
+            )));
+        }
+        let security = security::resolve(&spec, self.nofile).map_err(invalid)?;
+        let pid_ns = self.pid_namespace(pod, &spec).map_err(invalid)?;
         let dir = self.cdir(&id);
         let mut rec = ContainerRecord {
             id: id.clone(),
@@ -526,9 +615,9 @@ impl ContainerManager {
             monitor: None,
             init: None,
             log_path,
-            uid,
-            gid,
-            groups: vec![],
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups.clone(),
             env: spec::process_env(&spec, &img),
             cwd: String::new(),
             stop_signal: if spec.stop_signal.is_empty() {
@@ -540,7 +629,7 @@ impl ContainerManager {
             cgroup: self.cgroups.path_for(&pod.cgroup_parent, &id),
             spec,
         };
-        let made = self.make(&mut rec, pod, &img, &lowers);
+        let made = self.make(&mut rec, pod, &img, &lowers, &user, &security, pid_ns);
         if let Err(e) = made {
             self.destroy(&rec);
             return Err(e);
@@ -554,12 +643,16 @@ impl ContainerManager {
         Ok(id)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn make(
         &self,
         rec: &mut ContainerRecord,
         pod: &PodInfo,
         img: &ImageDefaults,
         lowers: &[String],
+        user: &user::User,
+        security: &security::Resolved,
+        pid_ns: spec::PidNs,
     ) -> Result<(), ContainerError> {
         let id = rec.id.clone();
         let dir = self.cdir(&id);
@@ -595,10 +688,13 @@ impl ContainerManager {
             }
         }
         let ctx = PodContext {
-            netns: pod.netns.as_deref(),
+            netns: pod
+                .netns
+                .as_deref()
+                .filter(|_| !rec.spec.security.host_network),
             infra_pid: pod.infra_pid,
-            share_pid: pod.share_pid,
-            host_ipc: pod.host_ipc,
+            pid_ns,
+            host_ipc: pod.host_ipc || rec.spec.security.host_ipc,
             host_uts: pod.host_uts,
             hostname: &pod.hostname,
             files_dir: &pod.files_dir,
@@ -611,10 +707,9 @@ impl ContainerManager {
             img,
             &ctx,
             &dir.join("rootfs"),
-            rec.uid,
-            rec.gid,
-            &rec.groups,
+            user,
             oom,
+            security,
         )
         .map_err(|reason| {
             ContainerError::Invalid(format!("container {}: {reason}", rec.spec.name))
@@ -952,14 +1047,13 @@ impl ContainerManager {
                 })
             }
         };
+        let identity = self.identity_of(&rec)?;
         let spec = crate::linux::exec::ExecSpec {
             target_pid: init.pid,
             argv: cmd,
             env: &rec.env,
             cwd: &rec.cwd,
-            uid: rec.uid,
-            gid: rec.gid,
-            groups: &rec.groups,
+            identity: &identity,
             timeout,
             max_output: 16 << 20,
         };
@@ -970,9 +1064,34 @@ impl ContainerManager {
         })
     }
 
+    /// The container process's identity (user, capabilities, seccomp...),
+    /// from its OCI spec, for commands run in it.
+    fn identity_of(
+        &self,
+        rec: &ContainerRecord,
+    ) -> Result<crate::linux::identity::Identity, ContainerError> {
+        let broken = internal(&rec.id, "load the container's identity");
+        let spec = oci_spec::runtime::Spec::load(self.cdir(&rec.id).join("config.json"))
+            .map_err(|e| broken(e.to_string()))?;
+        let process = spec.process().as_ref().ok_or_else(|| {
+            internal(&rec.id, "load the container's identity")("the spec has no process".into())
+        })?;
+        crate::linux::identity::Identity::from_process(
+            process,
+            spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()),
+        )
+        .map_err(internal(&rec.id, "load the container's identity"))
+    }
+
     pub fn dir_of(&self, id: &str) -> PathBuf {
         self.cdir(id)
     }
+}
+
+/// Whether recursive read-only mounts work here (Status advertises it).
+pub fn recursive_readonly_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(crate::linux::mountattr::recursive_readonly_supported)
 }
 
 fn log_path(pod: &PodInfo, spec: &ContainerSpec) -> Result<Option<PathBuf>, ContainerError> {
@@ -991,77 +1110,6 @@ fn log_path(pod: &PodInfo, spec: &ContainerSpec) -> Result<Option<PathBuf>, Cont
         )));
     }
     Ok(Some(Path::new(&pod.log_directory).join(rel)))
-}
-
-/// uid and gid for the container process: CRI run_as_* first, else the
-/// image's USER, resolved through the image's /etc/passwd.
-fn resolve_user(
-    spec: &ContainerSpec,
-    img: &ImageDefaults,
-    layers_dir: &Path,
-    lowers: &[String],
-) -> Result<(u32, u32), String> {
-    let passwd = read_image_file(layers_dir, lowers, "etc/passwd").unwrap_or_default();
-    let lookup = |name: &str| -> Option<(u32, u32)> {
-        passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == name)
-                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-                .flatten()
-        })
-    };
-    let by_uid = |uid: u32| -> u32 {
-        passwd
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() >= 4 && f[2] == uid.to_string())
-                    .then(|| f[3].parse().ok())
-                    .flatten()
-            })
-            .unwrap_or(0)
-    };
-    let (mut uid, mut gid) = if let Some(u) = spec.run_as_user {
-        let u = u32::try_from(u).map_err(|_| format!("run_as_user {u} is out of range"))?;
-        (u, by_uid(u))
-    } else if !spec.run_as_username.is_empty() {
-        lookup(&spec.run_as_username).ok_or_else(|| {
-            format!(
-                "user {:?} not found in the image's /etc/passwd",
-                spec.run_as_username
-            )
-        })?
-    } else if !img.user.is_empty() {
-        let (user, group) = match img.user.split_once(':') {
-            Some((u, g)) => (u, Some(g)),
-            None => (img.user.as_str(), None),
-        };
-        let (u, g) = match user.parse::<u32>() {
-            Ok(u) => (u, by_uid(u)),
-            Err(_) => lookup(user).ok_or_else(|| {
-                format!("image user {user:?} not found in the image's /etc/passwd")
-            })?,
-        };
-        let g = match group {
-            Some(g) => g
-                .parse::<u32>()
-                .map_err(|_| format!("image group {g:?} is not numeric"))?,
-            None => g,
-        };
-        (u, g)
-    } else {
-        (0, 0)
-    };
-    if let Some(g) = spec.run_as_group {
-        if spec.run_as_user.is_none() && spec.run_as_username.is_empty() {
-            return Err("run_as_group needs run_as_user or run_as_username".into());
-        }
-        gid = u32::try_from(g).map_err(|_| format!("run_as_group {g} is out of range"))?;
-    }
-    if uid == u32::MAX {
-        uid = 0;
-    }
-    Ok((uid, gid))
 }
 
 /// A file of the image as the container sees it: the top-most layer that has

@@ -46,9 +46,9 @@ impl ImageDefaults {
 pub struct PodContext<'a> {
     /// Pinned netns, or `None` for the host's.
     pub netns: Option<&'a Path>,
-    /// The infra process, whose IPC/UTS (and shared PID) namespaces containers join.
+    /// The infra process, whose IPC/UTS namespaces containers join.
     pub infra_pid: i32,
-    pub share_pid: bool,
+    pub pid_ns: PidNs,
     pub host_ipc: bool,
     pub host_uts: bool,
     pub hostname: &'a str,
@@ -59,6 +59,14 @@ pub struct PodContext<'a> {
     pub cgroup: bool,
     /// The pod's shared /dev/shm (host's /dev/shm for host-IPC pods).
     pub shm: Option<&'a Path>,
+}
+
+/// The PID namespace the container gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidNs {
+    Host,
+    New,
+    Join(std::path::PathBuf),
 }
 
 /// The process args as kubelet expects them merged: CRI command replaces the
@@ -106,17 +114,16 @@ pub fn process_env(c: &ContainerSpec, img: &ImageDefaults) -> Vec<String> {
         .collect()
 }
 
-/// Builds the OCI spec. `uid`/`gid`/`groups` are already resolved.
-#[allow(clippy::too_many_arguments)]
+/// Builds the OCI spec from the request, the image, the pod and the
+/// resolved user and security settings.
 pub fn build(
     c: &ContainerSpec,
     img: &ImageDefaults,
     pod: &PodContext<'_>,
     rootfs: &Path,
-    uid: u32,
-    gid: u32,
-    groups: &[u32],
+    user: &super::user::User,
     oom_score_adj: i64,
+    sec: &super::security::Resolved,
 ) -> Result<Spec, String> {
     let args = process_args(c, img);
     if args.is_empty() {
@@ -133,6 +140,8 @@ pub fn build(
     } else {
         "/".to_string()
     };
+    // Privileged containers get sysfs and cgroupfs read-write.
+    let ro = if sec.privileged { "rw" } else { "ro" };
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
@@ -146,10 +155,10 @@ pub fn build(
             }
         },
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", ro]}),
     ];
     if pod.cgroup {
-        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", ro]}));
     }
     let cri_dests: Vec<&str> = c.mounts.iter().map(|m| m.container_path.as_str()).collect();
     for (file, dest) in [
@@ -177,6 +186,9 @@ pub fn build(
         );
         if m.readonly {
             options.push("ro".into());
+            if m.recursive_readonly {
+                options.push("rro".into());
+            }
         }
         mounts.push(json!({
             "destination": m.container_path, "type": "bind",
@@ -197,35 +209,55 @@ pub fn build(
     if !pod.host_uts {
         namespaces.push(json!({"type": "uts", "path": infra_ns("uts")}));
     }
-    if pod.share_pid {
-        namespaces.push(json!({"type": "pid", "path": infra_ns("pid")}));
-    } else if !c.host_pid {
-        namespaces.push(json!({"type": "pid"}));
+    match &pod.pid_ns {
+        PidNs::Host => {}
+        PidNs::New => namespaces.push(json!({"type": "pid"})),
+        PidNs::Join(p) => namespaces.push(json!({"type": "pid", "path": p})),
+    }
+    let propagation = if c
+        .mounts
+        .iter()
+        .any(|m| m.propagation == super::Propagation::Bidirectional)
+    {
+        "rshared"
+    } else {
+        "rslave"
+    };
+    let caps = &sec.caps;
+    let mut linux = json!({
+        "namespaces": namespaces,
+        "maskedPaths": sec.masked,
+        "readonlyPaths": sec.readonly,
+        "rootfsPropagation": propagation,
+        "devices": sec.devices,
+    });
+    if let Some(s) = &sec.seccomp {
+        linux["seccomp"] = s.clone();
+    }
+    let mut process = json!({
+        "terminal": c.tty,
+        "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.groups},
+        "args": args,
+        "env": env,
+        "cwd": cwd,
+        "oomScoreAdj": oom_score_adj,
+        "capabilities": {
+            "bounding": caps, "effective": caps, "permitted": caps,
+            "inheritable": sec.ambient, "ambient": sec.ambient,
+        },
+        "noNewPrivileges": sec.no_new_privs,
+        "rlimits": sec.rlimits,
+    });
+    if let Some(a) = &sec.apparmor {
+        process["apparmorProfile"] = json!(a);
     }
     let spec = json!({
         "ociVersion": "1.2.0",
-        "process": {
-            "terminal": c.tty,
-            "user": {"uid": uid, "gid": gid, "additionalGids": groups},
-            "args": args,
-            "env": env,
-            "cwd": cwd,
-            "oomScoreAdj": oom_score_adj,
-        },
-        "root": {"path": rootfs, "readonly": false},
+        "process": process,
+        "root": {"path": rootfs, "readonly": sec.readonly_rootfs},
         "hostname": pod.hostname,
         "mounts": mounts,
-        "linux": {
-            "namespaces": namespaces,
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-            ],
-        },
+        "linux": linux,
         "annotations": c.annotations,
     });
     serde_json::from_value(spec).map_err(|e| format!("OCI spec: {e}"))

@@ -36,10 +36,9 @@ pub struct ExecSpec<'a> {
     pub env: &'a [String],
     /// Working directory inside the container; "" means "/".
     pub cwd: &'a str,
-    pub uid: u32,
-    pub gid: u32,
-    /// Supplementary groups (empty clears them).
-    pub groups: &'a [u32],
+    /// User, groups, capabilities, no_new_privs, seccomp: the container
+    /// process's, prepared by the caller.
+    pub identity: &'a super::identity::Identity,
     /// `None` waits for as long as the command runs.
     pub timeout: Option<Duration>,
     /// Bytes kept per stream; the rest is read and dropped.
@@ -94,13 +93,12 @@ const ST_SETNS: i32 = 2; // + index into NAMESPACES
 const ST_ROOT: i32 = 8;
 const ST_CLONE: i32 = 9;
 const ST_PIDFD: i32 = 10;
-const ST_SETGROUPS: i32 = 11;
-const ST_SETGID: i32 = 12;
-const ST_SETUID: i32 = 13;
 const ST_PDEATHSIG: i32 = 14;
 const ST_CHDIR: i32 = 15;
 const ST_DUP2: i32 = 16;
 const ST_EXEC: i32 = 17;
+/// + identity::Step: the step of becoming the container's identity.
+const ST_IDENTITY: i32 = 100;
 const STAGES: [&str; 18] = [
     "exec: prctl(PR_SET_DUMPABLE) in",
     "exec: join the cgroup of",
@@ -152,7 +150,6 @@ pub fn exec_sync(spec: &ExecSpec<'_>) -> Result<ExecOutput, LinuxError> {
     let argv_p = pointers(&argv_c);
     let env_p = pointers(&env_c);
     let cands_p = pointers(&cands_c);
-    let groups: Vec<libc::gid_t> = spec.groups.to_vec();
 
     let ns = open_namespaces(spec.target_pid, &target)?;
     let root = rustix::fs::open(
@@ -199,10 +196,7 @@ pub fn exec_sync(spec: &ExecSpec<'_>) -> Result<ExecOutput, LinuxError> {
         ctl_fd: ctl_r.as_raw_fd(),
         // One past the end: the top of a downward-growing stack.
         grand_stack_top: grand_stack.as_mut_ptr_range().end.cast(),
-        uid: spec.uid,
-        gid: spec.gid,
-        groups: groups.as_ptr(),
-        ngroups: groups.len(),
+        identity: spec.identity,
         cwd: cwd_c.as_ptr(),
         argv: argv_p.as_ptr(),
         envp: env_p.as_ptr(),
@@ -366,6 +360,22 @@ fn exec_message(argv0: &str, errno: i32) -> String {
 }
 
 fn stage_name(stage: i32) -> &'static str {
+    if let Some(step) = super::identity::Step::from_index(stage - ST_IDENTITY) {
+        return match step {
+            super::identity::Step::OomScoreAdj => "exec: set oom_score_adj in",
+            super::identity::Step::Rlimit => "exec: set rlimit in",
+            super::identity::Step::AppArmor => "exec: set AppArmor profile in",
+            super::identity::Step::KeepCaps => "exec: prctl(PR_SET_KEEPCAPS) in",
+            super::identity::Step::Bounding => "exec: drop bounding capabilities in",
+            super::identity::Step::SetGroups => "exec: setgroups in",
+            super::identity::Step::SetGid => "exec: setgid in",
+            super::identity::Step::SetUid => "exec: setuid in",
+            super::identity::Step::CapSet => "exec: capset in",
+            super::identity::Step::Ambient => "exec: raise ambient capabilities in",
+            super::identity::Step::NoNewPrivs => "exec: prctl(PR_SET_NO_NEW_PRIVS) in",
+            super::identity::Step::Seccomp => "exec: install seccomp filter in",
+        };
+    }
     usize::try_from(stage)
         .ok()
         .and_then(|i| STAGES.get(i))
@@ -579,10 +589,7 @@ struct ChildArgs {
     report_fd: c_int,
     ctl_fd: c_int,
     grand_stack_top: *mut c_void,
-    uid: u32,
-    gid: u32,
-    groups: *const libc::gid_t,
-    ngroups: usize,
+    identity: *const super::identity::Identity,
     cwd: *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
@@ -842,14 +849,10 @@ extern "C" fn command_main(arg: *mut c_void) -> c_int {
         let g = &*(arg as *const GrandArgs);
         let a = &*g.a;
         let rep = a.report_fd;
-        if libc::syscall(libc::SYS_setgroups, a.ngroups, a.groups) < 0 {
-            fail(rep, ST_SETGROUPS);
-        }
-        if libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) < 0 {
-            fail(rep, ST_SETGID);
-        }
-        if libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) < 0 {
-            fail(rep, ST_SETUID);
+        let identity = &*a.identity;
+        if let Err((step, e)) = identity.enter() {
+            report(rep, REC_FAIL, ST_IDENTITY + step as i32, e);
+            exit_now(1);
         }
         // Die with the helper (set after the credential change, which clears
         // it). If it is already gone we were reparented: our parent is then
@@ -882,6 +885,11 @@ extern "C" fn command_main(arg: *mut c_void) -> c_int {
         let mut keep: [c_int; 0] = [];
         close_fds_except(&mut keep, libc::CLOSE_RANGE_CLOEXEC);
         set_sigmask(false);
+        // Last: only the exec runs under the seccomp filter.
+        if let Err((step, e)) = identity.seal() {
+            report(rep, REC_FAIL, ST_IDENTITY + step as i32, e);
+            exit_now(1);
+        }
 
         let mut not_found = libc::ENOENT;
         let mut denied = false;
@@ -918,6 +926,7 @@ extern "C" fn command_main(arg: *mut c_void) -> c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linux::identity::Identity;
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
 
@@ -992,9 +1001,7 @@ mod tests {
                 argv,
                 env,
                 cwd: "",
-                uid: 0,
-                gid: 0,
-                groups: &[],
+                identity: Box::leak(Box::new(Identity::user(0, 0, vec![]))),
                 timeout: Some(Duration::from_secs(20)),
                 max_output: 1 << 20,
             };
@@ -1170,9 +1177,7 @@ mod tests {
 
         let r = t
             .run_with(&["sh", "-c", "id -u; id -g; id -G"], |s| {
-                s.uid = 65534;
-                s.gid = 65534;
-                s.groups = &[65534, 100];
+                s.identity = Box::leak(Box::new(Identity::user(65534, 65534, vec![65534, 100])));
             })
             .unwrap();
         assert_eq!(
@@ -1223,9 +1228,7 @@ mod tests {
             argv: &["true".to_string()],
             env: &[],
             cwd: "",
-            uid: 0,
-            gid: 0,
-            groups: &[],
+            identity: &Identity::user(0, 0, vec![]),
             timeout: None,
             max_output: 10,
         })

@@ -7,11 +7,12 @@
 //! The monitor is single-threaded, so the cloned child may use the normal
 //! Rust library (allocation included) before it execs.
 
+use super::identity::Identity;
 use super::{sys, LinuxError};
 use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
-use nix::unistd::{chdir, pivot_root, Gid, Uid};
+use nix::unistd::{chdir, pivot_root};
 use oci_spec::runtime::Spec;
 use std::ffi::CString;
 use std::io::Write;
@@ -106,14 +107,16 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         .as_ref()
         .map(|r| r.path().clone())
         .ok_or("spec has no root")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("make mounts private: {e}"))?;
+    let process = spec.process().as_ref().ok_or("spec has no process")?;
+    let linux = spec.linux().as_ref();
+    // Prepared (seccomp compiled) before any work, so a bad profile fails early.
+    let identity = Identity::from_process(process, linux.and_then(|l| l.seccomp().as_ref()))?;
+    set_root_propagation(
+        linux
+            .and_then(|l| l.rootfs_propagation().as_deref())
+            .unwrap_or("rslave"),
+        &root,
+    )?;
 
     // The overlay rootfs exists only in this mount namespace: when the
     // container's last process exits, it goes away with it.
@@ -146,7 +149,10 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         })?;
     }
     make_devices(&root)?;
-    if let Some(linux) = spec.linux() {
+    for d in linux.and_then(|l| l.devices().as_deref()).unwrap_or(&[]) {
+        make_device(&root, d).map_err(|e| format!("create device {}: {e}", d.path().display()))?;
+    }
+    if let Some(linux) = linux {
         for path in linux.masked_paths().as_deref().unwrap_or(&[]) {
             mask(&root, path).map_err(|e| format!("mask {path}: {e}"))?;
         }
@@ -157,12 +163,31 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let fifo: OwnedFd = open(p.fifo, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("open exec fifo {}: {e}", p.fifo.display()))?;
 
+    // A handle on the old root: after pivot_root, "." and "/" both name
+    // the new one.
+    let old_root: OwnedFd = open(
+        "/",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open the old root: {e}"))?;
     chdir(&root).map_err(|e| format!("chdir rootfs: {e}"))?;
     pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    nix::unistd::fchdir(&old_root).map_err(|e| format!("fchdir old root: {e}"))?;
+    drop(old_root);
+    // The old root may hold mounts shared with the host: detaching them must
+    // not propagate there.
+    mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make the old root a slave: {e}"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
 
-    let process = spec.process().as_ref().ok_or("spec has no process")?;
     // Opened here, from the container's own devpts, so that the terminal's
     // name resolves inside the container (ttyname, /dev/tty).
     let pty_slave = match p.console {
@@ -172,28 +197,36 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let cwd = process.cwd();
     std::fs::create_dir_all(cwd).map_err(|e| format!("working dir {}: {e}", cwd.display()))?;
     chdir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    // After the working directory exists.
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("make the root read-only: {e}"))?;
+    }
     let args = process.args().clone().unwrap_or_default();
     let env = process.env().clone().unwrap_or_default();
     let start_error =
         resolve_executable(args.first().map(String::as_str).unwrap_or(""), &env).err();
 
-    if let Some(adj) = process.oom_score_adj() {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
-    }
-    let user = process.user();
-    let groups: Vec<Gid> = user
-        .additional_gids()
-        .as_deref()
-        .unwrap_or(&[])
-        .iter()
-        .map(|g| Gid::from_raw(*g))
-        .collect();
-    nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
-    nix::unistd::setgid(Gid::from_raw(user.gid()))
-        .map_err(|e| format!("setgid {}: {e}", user.gid()))?;
-    nix::unistd::setuid(Uid::from_raw(user.uid()))
-        .map_err(|e| format!("setuid {}: {e}", user.uid()))?;
+    identity.enter().map_err(|(step, e)| {
+        format!(
+            "{} (uid {}, gid {}): {}",
+            step.name(),
+            identity.uid,
+            identity.gid,
+            nix::errno::Errno::from_raw(e)
+        )
+    })?;
 
     let devnull = open("/dev/null", OFlag::O_RDONLY, Mode::empty())
         .map_err(|e| format!("open /dev/null: {e}"))?;
@@ -247,7 +280,16 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
     let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
-    let err = nix::unistd::execve(&c(&exe.to_string_lossy()), &argv, &envp).unwrap_err();
+    let exe = c(&exe.to_string_lossy());
+    if let Err((step, e)) = identity.seal() {
+        eprintln!(
+            "berth init: {}: {}",
+            step.name(),
+            nix::errno::Errno::from_raw(e)
+        );
+        std::process::exit(126);
+    }
+    let err = nix::unistd::execve(&exe, &argv, &envp).unwrap_err();
     eprintln!("exec {:?}: {err}", args[0]);
     std::process::exit(if err == nix::errno::Errno::ENOENT {
         127
@@ -317,6 +359,8 @@ fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>)
             "rslave" => propagation = Some(MsFlags::MS_SLAVE | MsFlags::MS_REC),
             "shared" => propagation = Some(MsFlags::MS_SHARED),
             "rshared" => propagation = Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
+            // Handled by the caller (mount_setattr after the mount).
+            "rro" => {}
             other => data.push(other.to_string()),
         }
     }
@@ -379,7 +423,70 @@ fn mount_one(root: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
         mount(None::<&str>, &target, None::<&str>, p, None::<&str>)
             .map_err(|e| format!("propagation: {e}"))?;
     }
+    if options.iter().any(|o| o == "rro") {
+        super::mountattr::make_recursively_readonly(&target)
+            .map_err(|e| format!("recursive read-only: {e}"))?;
+    }
     Ok(())
+}
+
+/// The rootfs propagation: "rslave" (default: host mounts reach the
+/// container, nothing flows back), "rprivate", or "rshared" (a bidirectional
+/// CRI mount: mounts keep the propagation they have in berth's namespace, so
+/// a shared source stays a peer). In every case the mount holding the rootfs
+/// is made private, so the overlay and everything mounted in it stay here.
+fn set_root_propagation(mode: &str, root: &Path) -> Result<(), String> {
+    let (target, flags) = match mode {
+        "rprivate" | "private" => ("/", MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+        "rshared" | "shared" => ("/", MsFlags::MS_SLAVE),
+        _ => ("/", MsFlags::MS_SLAVE | MsFlags::MS_REC),
+    };
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("set root propagation {mode}: {e}"))?;
+    let parent = super::mountattr::mount_point_of(root)
+        .map_err(|e| format!("find the mount of {}: {e}", root.display()))?;
+    mount(
+        None::<&str>,
+        &parent,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make {} private: {e}", parent.display()))
+}
+
+/// A device node of the spec, created with the host device's numbers.
+fn make_device(root: &Path, d: &oci_spec::runtime::LinuxDevice) -> Result<(), String> {
+    use nix::sys::stat::{makedev, mknod, SFlag};
+    use oci_spec::runtime::LinuxDeviceType as T;
+    let target = inside(root, d.path())?;
+    if std::fs::symlink_metadata(&target).is_ok() {
+        // Already there (the standard nodes are bound from the host's).
+        return Ok(());
+    }
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    let kind = match d.typ() {
+        T::B => SFlag::S_IFBLK,
+        T::P => SFlag::S_IFIFO,
+        _ => SFlag::S_IFCHR,
+    };
+    let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
+    let dev = makedev(d.major() as u64, d.minor() as u64);
+    mknod(&target, kind, mode, dev).map_err(|e| format!("mknod: {e}"))?;
+    // mknod applies the umask; the node must have the mode asked for.
+    std::fs::set_permissions(
+        &target,
+        std::os::unix::fs::PermissionsExt::from_mode(mode.bits()),
+    )
+    .map_err(|e| format!("chmod: {e}"))?;
+    nix::unistd::chown(
+        &target,
+        d.uid().map(nix::unistd::Uid::from_raw),
+        d.gid().map(nix::unistd::Gid::from_raw),
+    )
+    .map_err(|e| format!("chown: {e}"))
 }
 
 fn make_devices(root: &Path) -> Result<(), String> {
@@ -485,8 +592,8 @@ fn open_console(console: RawFd, user: &oci_spec::runtime::User) -> Result<OwnedF
     .map_err(|e| format!("open {name}: {e}"))?;
     nix::unistd::fchown(
         &slave,
-        Some(Uid::from_raw(user.uid())),
-        Some(Gid::from_raw(user.gid())),
+        Some(nix::unistd::Uid::from_raw(user.uid())),
+        Some(nix::unistd::Gid::from_raw(user.gid())),
     )
     .map_err(|e| format!("chown {name}: {e}"))?;
     // SAFETY: the console socket stays open for the whole setup.

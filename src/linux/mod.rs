@@ -3,10 +3,14 @@
 
 pub mod exec;
 pub mod fdpass;
+pub mod identity;
 pub mod init;
+pub mod mountattr;
 pub mod netns;
 pub mod process;
+pub mod seccomp;
 pub mod shm;
+pub mod sysctl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {

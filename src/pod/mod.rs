@@ -88,6 +88,12 @@ pub struct PodSpec {
     /// the infra process's own cgroup.
     #[serde(default)]
     pub resources: crate::cgroup::Resources,
+    /// LinuxSandboxSecurityContext.privileged: its containers may be privileged.
+    #[serde(default)]
+    pub privileged: bool,
+    /// Namespaced sysctls set in the pod's network and IPC namespaces.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,6 +351,7 @@ impl PodManager {
         self.cgroups
             .check_applicable(&format!("pod {}", spec.name), &spec.resources)
             .map_err(|e| PodError::Invalid(e.to_string()))?;
+        check_sysctls(&spec)?;
         let _op = lock(&self.ops);
         if let Some(other) = lock(&self.pods).values().find(|p| {
             p.spec.name == spec.name
@@ -424,6 +431,14 @@ impl PodManager {
                 pid: p.pid,
                 start_time: p.start_time,
             });
+            if !rec.spec.sysctls.is_empty() {
+                // Recorded first: a failure must kill the infra process.
+                self.persist(&rec)?;
+                let ipc = PathBuf::from(format!("/proc/{}/ns/ipc", p.pid));
+                let values: Vec<(String, String)> = rec.spec.sysctls.clone().into_iter().collect();
+                crate::linux::sysctl::apply(rec.netns.as_deref(), Some(&ipc), &values)
+                    .map_err(kernel)?;
+            }
             rec.state = PodState::Ready;
             self.persist(&rec)
         })();
@@ -584,6 +599,32 @@ impl PodManager {
     pub fn exe(&self) -> &Path {
         &self.exe
     }
+}
+
+/// Sysctls must be namespaced, and in a namespace the pod owns.
+fn check_sysctls(spec: &PodSpec) -> Result<(), PodError> {
+    use crate::linux::sysctl::{kind, Kind};
+    for name in spec.sysctls.keys() {
+        match kind(name) {
+            None => {
+                return Err(PodError::Invalid(format!(
+                    "sysctl {name:?} is not namespaced: it would change the whole node"
+                )))
+            }
+            Some(Kind::Net) if spec.network == NsMode::Node => {
+                return Err(PodError::Invalid(format!(
+                    "sysctl {name:?} would change the node's network: the pod uses the host network"
+                )))
+            }
+            Some(Kind::Ipc) if spec.ipc == NsMode::Node => {
+                return Err(PodError::Invalid(format!(
+                "sysctl {name:?} would change the node's IPC namespace: the pod uses the host IPC"
+            )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Infra processes of pods that have no record (a crash between spawning the

@@ -1,6 +1,7 @@
 //! Container RPCs: CRI <-> container domain types.
 
 use super::Daemon;
+use crate::container::security::{DeviceSpec, PidMode, Profile, SecuritySpec};
 use crate::container::{
     ContainerError, ContainerFilter, ContainerRecord, ContainerSpec, ContainerState, MountSpec,
     PodInfo, Propagation,
@@ -33,6 +34,7 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         ));
     }
     let linux = c.linux.unwrap_or_default();
+    let had_security_context = linux.security_context.is_some();
     let sc = linux.security_context.unwrap_or_default();
     let r = linux.resources.unwrap_or_default();
     let oom_score_adj = r.oom_score_adj;
@@ -42,6 +44,12 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         if m.image.is_some() {
             return Err(Status::invalid_argument(format!(
                 "CreateContainer: image volume at {} is not supported yet",
+                m.container_path
+            )));
+        }
+        if m.recursive_read_only && !m.readonly {
+            return Err(Status::invalid_argument(format!(
+                "CreateContainer: mount {}: recursive_read_only needs readonly",
                 m.container_path
             )));
         }
@@ -56,8 +64,15 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
                 Ok(cri::MountPropagation::PropagationBidirectional) => Propagation::Bidirectional,
                 _ => Propagation::Private,
             },
+            recursive_readonly: m.recursive_read_only,
         });
     }
+    let (run_as_user, run_as_group) = (
+        sc.run_as_user.map(|v| v.value),
+        sc.run_as_group.map(|v| v.value),
+    );
+    let run_as_username = sc.run_as_username.clone();
+    let security = security_from(sc, had_security_context, c.devices)?;
     Ok(ContainerSpec {
         name: md.name,
         attempt: md.attempt,
@@ -77,18 +92,119 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         tty: c.tty,
         stdin: c.stdin,
         stdin_once: c.stdin_once,
-        run_as_user: sc.run_as_user.map(|v| v.value),
-        run_as_group: sc.run_as_group.map(|v| v.value),
-        run_as_username: sc.run_as_username,
-        host_pid: sc
-            .namespace_options
-            .is_some_and(|n| n.pid == cri::NamespaceMode::Node as i32),
+        run_as_user,
+        run_as_group,
+        run_as_username,
+        security,
         resources,
         oom_score_adj,
         stop_signal: match cri::Signal::try_from(c.stop_signal) {
             Ok(cri::Signal::RuntimeDefault) | Err(_) => String::new(),
             Ok(s) => s.as_str_name().to_string(),
         },
+    })
+}
+
+/// A SecurityProfile, or else the legacy path string ("runtime/default",
+/// "docker/default", "unconfined", "localhost/<x>"); neither is Unconfined
+/// (kubelet always sends one).
+fn profile_from(
+    what: &str,
+    p: Option<cri::SecurityProfile>,
+    legacy: &str,
+) -> Result<Profile, Status> {
+    if let Some(p) = p {
+        return match cri::security_profile::ProfileType::try_from(p.profile_type) {
+            Ok(cri::security_profile::ProfileType::RuntimeDefault) => Ok(Profile::RuntimeDefault),
+            Ok(cri::security_profile::ProfileType::Unconfined) => Ok(Profile::Unconfined),
+            Ok(cri::security_profile::ProfileType::Localhost) if !p.localhost_ref.is_empty() => {
+                Ok(Profile::Localhost(p.localhost_ref))
+            }
+            Ok(cri::security_profile::ProfileType::Localhost) => Err(Status::invalid_argument(
+                format!("CreateContainer: {what} profile Localhost needs localhost_ref"),
+            )),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "CreateContainer: unknown {what} profile type {}",
+                p.profile_type
+            ))),
+        };
+    }
+    match legacy {
+        "" | "unconfined" => Ok(Profile::Unconfined),
+        "runtime/default" | "docker/default" => Ok(Profile::RuntimeDefault),
+        l => match l.strip_prefix("localhost/") {
+            Some(x) if !x.is_empty() => Ok(Profile::Localhost(x.to_string())),
+            _ => Err(Status::invalid_argument(format!(
+                "CreateContainer: unknown {what} profile {l:?}"
+            ))),
+        },
+    }
+}
+
+fn security_from(
+    sc: cri::LinuxContainerSecurityContext,
+    present: bool,
+    devices: Vec<cri::Device>,
+) -> Result<SecuritySpec, Status> {
+    let caps = sc.capabilities.unwrap_or_default();
+    let ns = sc.namespace_options.unwrap_or_default();
+    let pid = match cri::NamespaceMode::try_from(ns.pid) {
+        Ok(cri::NamespaceMode::Pod) => PidMode::Pod,
+        Ok(cri::NamespaceMode::Container) => PidMode::Container,
+        Ok(cri::NamespaceMode::Node) => PidMode::Node,
+        Ok(cri::NamespaceMode::Target) if !ns.target_id.is_empty() => PidMode::Target(ns.target_id),
+        Ok(cri::NamespaceMode::Target) => {
+            return Err(Status::invalid_argument(
+                "CreateContainer: pid namespace mode TARGET needs target_id",
+            ))
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "CreateContainer: unknown pid namespace mode {}",
+                ns.pid
+            )))
+        }
+    };
+    for (what, v) in [("network", ns.network), ("ipc", ns.ipc)] {
+        if matches!(
+            cri::NamespaceMode::try_from(v),
+            Ok(cri::NamespaceMode::Target) | Err(_)
+        ) {
+            return Err(Status::invalid_argument(format!(
+                "CreateContainer: {what} namespace mode {v} is not valid for a container"
+            )));
+        }
+    }
+    // Older callers still send the deprecated path strings.
+    #[allow(deprecated)]
+    let (legacy_seccomp, legacy_apparmor) = (sc.seccomp_profile_path, sc.apparmor_profile);
+    let seccomp = profile_from("seccomp", sc.seccomp, &legacy_seccomp)?;
+    let apparmor = profile_from("AppArmor", sc.apparmor, &legacy_apparmor)?;
+    Ok(SecuritySpec {
+        privileged: sc.privileged,
+        add_capabilities: caps.add_capabilities,
+        drop_capabilities: caps.drop_capabilities,
+        add_ambient_capabilities: caps.add_ambient_capabilities,
+        no_new_privs: sc.no_new_privs,
+        readonly_rootfs: sc.readonly_rootfs,
+        masked_paths: present.then_some(sc.masked_paths),
+        readonly_paths: present.then_some(sc.readonly_paths),
+        seccomp,
+        apparmor,
+        supplemental_groups: sc.supplemental_groups,
+        strict_groups: sc.supplemental_groups_policy
+            == cri::SupplementalGroupsPolicy::Strict as i32,
+        pid,
+        host_ipc: ns.ipc == cri::NamespaceMode::Node as i32,
+        host_network: ns.network == cri::NamespaceMode::Node as i32,
+        devices: devices
+            .into_iter()
+            .map(|d| DeviceSpec {
+                container_path: d.container_path,
+                host_path: d.host_path,
+                permissions: d.permissions,
+            })
+            .collect(),
     })
 }
 
@@ -147,6 +263,8 @@ pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {
         netns: p.netns.clone(),
         infra_pid: p.infra.map(|i| i.pid).unwrap_or(0),
         share_pid: p.spec.pid == NsMode::Pod,
+        host_pid: p.spec.pid == NsMode::Node,
+        privileged: p.spec.privileged,
         host_ipc: p.spec.ipc == NsMode::Node,
         host_uts: p.spec.network == NsMode::Node,
         hostname: p.hostname().to_string(),

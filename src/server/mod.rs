@@ -116,7 +116,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     ));
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
-    let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
+    let containers = ContainerManager::open(
+        &config.root,
+        images.image_fs_dir(),
+        cgroups,
+        (config.container.nofile_soft, config.container.nofile_hard),
+    )?;
     let container_stats = crate::container::stats::ContainerStats::new(
         images.container_fs_dir(),
         Duration::from_secs(config.stats.writable_layer_interval_secs),

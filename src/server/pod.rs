@@ -55,10 +55,9 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         .metadata
         .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config.metadata is required"))?;
     let linux = c.linux.unwrap_or_default();
-    let opts = linux
-        .security_context
-        .and_then(|s| s.namespace_options)
-        .unwrap_or_default();
+    let sc = linux.security_context.unwrap_or_default();
+    let privileged = sc.privileged;
+    let opts = sc.namespace_options.unwrap_or_default();
     Ok(PodSpec {
         name: md.name,
         uid: md.uid,
@@ -78,6 +77,8 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         ipc: ns_mode(opts.ipc)?,
         runtime_handler: req.runtime_handler,
         cgroup_parent: linux.cgroup_parent,
+        privileged,
+        sysctls: linux.sysctls.into_iter().collect(),
         resources: linux
             .resources
             .map(super::container::resources_from)

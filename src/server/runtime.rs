@@ -100,12 +100,13 @@ impl RuntimeService for RuntimeApi {
                 runtime_handlers: vec![cri::RuntimeHandler {
                     name: String::new(),
                     features: Some(cri::RuntimeHandlerFeatures {
-                        recursive_read_only_mounts: false,
+                        recursive_read_only_mounts: crate::container::recursive_readonly_supported(
+                        ),
                         user_namespaces: false,
                     }),
                 }],
                 features: Some(cri::RuntimeFeatures {
-                    supplemental_groups_policy: false,
+                    supplemental_groups_policy: true,
                     user_namespaces_host_network: false,
                 }),
             })
