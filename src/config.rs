@@ -37,6 +37,7 @@ pub struct Config {
     pub log_level: String,
     pub image: ImageConfig,
     pub cgroup: CgroupConfig,
+    pub network: crate::network::NetworkConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -71,6 +72,7 @@ impl Default for Config {
             log_level: "info".into(),
             image: ImageConfig::default(),
             cgroup: CgroupConfig::default(),
+            network: crate::network::NetworkConfig::default(),
         }
     }
 }
@@ -160,7 +162,9 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
-        Ok(())
+        self.network
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })
     }
 }
 
@@ -208,6 +212,43 @@ mode = "auto"
 # Run containers whose requested limits need a missing controller (warning
 # once per controller) instead of failing CreateContainer.
 allow_missing_controllers = false
+
+[network]
+# Network of non-hostNetwork pods: "builtin" (berth's bridge, veth pairs,
+# IPAM, NAT and host ports), "cni" (plugins configured in cni_conf_dir) or
+# "none" (loopback only).
+mode = "builtin"
+
+# builtin: the bridge, created on first use and removed with the last pod.
+bridge = "{bridge}"
+
+# builtin: pod IPv4 subnet; the gateway (the bridge's address) defaults to its
+# first address.
+subnet = "{subnet}"
+# gateway = "{gateway}"
+
+# builtin: an IPv6 subnet gives every pod an IPv6 address too (dual stack);
+# its gateway defaults to the subnet's first address.
+# subnet_v6 = "fd00:88::/64"
+# gateway_v6 = "fd00:88::1"
+
+# builtin: MTU of the bridge and of the pods' eth0.
+mtu = {mtu}
+
+# builtin: turn on net.ipv4.ip_forward (and IPv6 forwarding with subnet_v6),
+# which egress and host ports need; berth logs when it does.
+ip_forward = true
+
+# cni: directory whose first *.conflist/*.conf/*.json (by name) is the pod
+# network; re-read at each pod, so a config written later needs no restart.
+cni_conf_dir = "{cni_conf}"
+
+# cni: directories searched for plugin binaries, in order.
+cni_bin_dirs = [{cni_bins}]
+
+# cni: seconds one plugin invocation (ADD/DEL/CHECK) may run before it is
+# killed and the operation fails.
+cni_plugin_timeout_secs = {cni_timeout}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -217,6 +258,19 @@ allow_missing_controllers = false
         certs_dir = d.image.certs_dir.display(),
         mcd = d.image.max_concurrent_downloads,
         rts = d.image.registry_timeout_secs,
+        bridge = d.network.bridge,
+        subnet = d.network.subnet,
+        gateway = d.network.gateway_v4(),
+        mtu = d.network.mtu,
+        cni_conf = d.network.cni_conf_dir.display(),
+        cni_bins = d
+            .network
+            .cni_bin_dirs
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cni_timeout = d.network.cni_plugin_timeout_secs,
     )
 }
 

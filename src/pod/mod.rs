@@ -41,6 +41,11 @@ pub enum PodError {
     Kernel { id: String, source: LinuxError },
     #[error("pod sandbox {id}: {source}")]
     State { id: String, source: StoreError },
+    #[error("pod sandbox {id}: {source}")]
+    Network {
+        id: String,
+        source: crate::network::NetworkError,
+    },
     #[error("pod sandbox {id}: {what}: {source}")]
     Io {
         id: String,
@@ -87,6 +92,9 @@ pub struct PodSpec {
     /// the infra process's own cgroup.
     #[serde(default)]
     pub resources: crate::cgroup::Resources,
+    /// Host ports to forward (mappings with host_port 0 are left out).
+    #[serde(default)]
+    pub port_mappings: Vec<crate::network::PortMapping>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +136,9 @@ pub struct PodRecord {
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
     pub infra: Option<Infra>,
+    /// The pod's addresses on its network, primary first.
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodRecord {
@@ -150,6 +161,7 @@ pub struct PodFilter {
 
 pub struct PodManager {
     cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
+    network: std::sync::Arc<crate::network::Network>,
     pods_dir: PathBuf,
     netns_dir: PathBuf,
     exe: PathBuf,
@@ -164,6 +176,7 @@ impl PodManager {
         root: &Path,
         state_dir: &Path,
         cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
+        network: std::sync::Arc<crate::network::Network>,
     ) -> Result<std::sync::Arc<PodManager>, PodError> {
         let io = |what: &str, source| PodError::Io {
             id: String::new(),
@@ -178,6 +191,7 @@ impl PodManager {
         let exe = std::env::current_exe().map_err(|e| io("find berth's own binary", e))?;
         let m = PodManager {
             cgroups,
+            network,
             pods_dir,
             netns_dir,
             exe,
@@ -289,6 +303,11 @@ impl PodManager {
                 }
             }
         }
+        let live = pods
+            .values()
+            .filter_map(|p| p.netns.clone().map(|n| (p.id.clone(), n)))
+            .collect();
+        self.network.reconcile(&live);
         kill_orphan_infras(&self.exe, &self.pods_dir, &pods);
         *lock(&self.pods) = pods;
         Ok(())
@@ -304,6 +323,12 @@ impl PodManager {
             process::kill_and_wait(i.into(), INFRA_STOP_TIMEOUT).map_err(kernel)?;
         }
         if let Some(pin) = &rec.netns {
+            self.network
+                .teardown(&rec.id, pin)
+                .map_err(|source| PodError::Network {
+                    id: rec.id.clone(),
+                    source,
+                })?;
             netns::remove_pin(pin).map_err(kernel)?;
         }
         if let Some(shm) = &rec.shm {
@@ -374,6 +399,7 @@ impl PodManager {
             state: PodState::Creating,
             created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
             infra: None,
+            ips: Vec::new(),
         };
         let made = (|| {
             std::fs::create_dir(&dir).map_err(|source| PodError::Io {
@@ -391,6 +417,16 @@ impl PodManager {
             if let Some(pin) = &rec.netns {
                 netns::create_pinned(pin).map_err(kernel)?;
                 crate::failpoint::hit("pod-after-netns");
+                rec.ips = self
+                    .network
+                    .setup(&network_of(&rec, pin))
+                    .map_err(|source| PodError::Network {
+                        id: id.clone(),
+                        source,
+                    })?;
+                if !rec.ips.is_empty() {
+                    self.write_files(&rec)?;
+                }
             }
             if let Some(shm) = &rec.shm {
                 crate::linux::shm::mount_shm(shm, SHM_SIZE).map_err(kernel)?;
@@ -450,7 +486,13 @@ impl PodManager {
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         for (name, content) in [
             ("hostname", files::hostname(rec.hostname())),
-            ("hosts", files::hosts(rec.hostname(), &[])),
+            (
+                "hosts",
+                files::hosts(
+                    rec.hostname(),
+                    &rec.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                ),
+            ),
             (
                 "resolv.conf",
                 files::resolv_conf(rec.spec.dns.as_ref(), &host_resolv),
@@ -525,6 +567,14 @@ impl PodManager {
             })?;
         }
         crate::failpoint::hit("pod-stop-after-kill");
+        if let Some(pin) = &rec.netns {
+            self.network
+                .teardown(&id, pin)
+                .map_err(|source| PodError::Network {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
         if rec.state != PodState::NotReady {
             rec.state = PodState::NotReady;
             self.persist(&rec)?;
@@ -561,9 +611,29 @@ impl PodManager {
         &self.pods_dir
     }
 
+    pub fn network(&self) -> &crate::network::Network {
+        &self.network
+    }
+
     /// berth's own binary, as infra processes run it.
     pub fn exe(&self) -> &Path {
         &self.exe
+    }
+}
+
+fn network_of(rec: &PodRecord, pin: &Path) -> crate::network::PodNetwork {
+    crate::network::PodNetwork {
+        id: rec.id.clone(),
+        netns: pin.to_path_buf(),
+        name: rec.spec.name.clone(),
+        namespace: rec.spec.namespace.clone(),
+        uid: rec.spec.uid.clone(),
+        ports: rec.spec.port_mappings.clone(),
+        dns: rec.spec.dns.as_ref().map(|d| crate::network::Dns {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        }),
     }
 }
 
