@@ -255,7 +255,10 @@ impl Builtin {
 
     fn remove_bridge(&self) -> Result<(), NetworkError> {
         let bridge = self.bridge.clone();
-        link::run(None, move |h| async move { link::delete(&h, &bridge).await })
+        link::run(
+            None,
+            move |h| async move { link::delete(&h, &bridge).await },
+        )
     }
 
     fn load(&self) -> BTreeMap<String, Attachment> {
@@ -309,9 +312,9 @@ impl Builtin {
                 for v in stray {
                     tracing::warn!(veth = %v, "removing a veth no pod network owns");
                     let name = v.clone();
-                    if let Err(e) = link::run(None, move |h| async move {
-                        link::delete(&h, &name).await
-                    }) {
+                    if let Err(e) =
+                        link::run(None, move |h| async move { link::delete(&h, &name).await })
+                    {
                         tracing::error!(veth = %v, error = %e, "remove stray veth");
                     }
                 }

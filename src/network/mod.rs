@@ -109,7 +109,9 @@ impl PortMapping {
     }
 
     fn describe_ip(&self) -> String {
-        self.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default()
+        self.host_ip
+            .map(|ip| format!(" on {ip}"))
+            .unwrap_or_default()
     }
 }
 
@@ -210,14 +212,22 @@ impl NetworkConfig {
         if b.is_empty() || b.len() > 15 || b.contains(['/', ' ', ':']) || b == "." || b == ".." {
             return Err((
                 "network.bridge",
-                format!("{b:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"),
+                format!(
+                    "{b:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+                ),
             ));
         }
         if self.subnet.prefix_len() > 30 {
-            return Err(("network.subnet", format!("{} has no room for pods", self.subnet)));
+            return Err((
+                "network.subnet",
+                format!("{} has no room for pods", self.subnet),
+            ));
         }
         let gw = self.gateway_v4();
-        if !self.subnet.contains(&gw) || gw == self.subnet.network() || gw == self.subnet.broadcast() {
+        if !self.subnet.contains(&gw)
+            || gw == self.subnet.network()
+            || gw == self.subnet.broadcast()
+        {
             return Err((
                 "network.gateway",
                 format!("{gw} is not a host address of {}", self.subnet),
@@ -239,7 +249,10 @@ impl NetworkConfig {
             return Err(("network.mtu", format!("{} is outside 68..65535", self.mtu)));
         }
         if self.cni_plugin_timeout_secs == 0 {
-            return Err(("network.cni_plugin_timeout_secs", "must be at least 1".into()));
+            return Err((
+                "network.cni_plugin_timeout_secs",
+                "must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -106,7 +106,10 @@ pub fn ruleset<'a>(
         "prerouting",
         Some((NfHook::Prerouting, -100)),
     )));
-    b.add(NfListObject::Chain(chain("output", Some((NfHook::Output, -100)))));
+    b.add(NfListObject::Chain(chain(
+        "output",
+        Some((NfHook::Output, -100)),
+    )));
     b.add(NfListObject::Chain(chain(
         "postrouting",
         Some((NfHook::Postrouting, 100)),

@@ -31,9 +31,7 @@ pub fn status_of(e: PodError) -> Status {
 
 /// CRI port mappings with a host port; those without one need no network
 /// setup (kubelet lists every declared container port).
-fn port_mappings(
-    pms: Vec<cri::PortMapping>,
-) -> Result<Vec<crate::network::PortMapping>, Status> {
+fn port_mappings(pms: Vec<cri::PortMapping>) -> Result<Vec<crate::network::PortMapping>, Status> {
     use crate::network::{PortMapping, Protocol};
     let mut out = Vec::new();
     for pm in pms {
