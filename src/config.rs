@@ -222,15 +222,17 @@ mode = "builtin"
 # builtin: the bridge, created on first use and removed with the last pod.
 bridge = "{bridge}"
 
-# builtin: pod IPv4 subnet; the gateway (the bridge's address) defaults to its
-# first address.
+# builtin: pod IPv4 subnet.
 subnet = "{subnet}"
-# gateway = "{gateway}"
 
-# builtin: an IPv6 subnet gives every pod an IPv6 address too (dual stack);
-# its gateway defaults to the subnet's first address.
-# subnet_v6 = "fd00:88::/64"
-# gateway_v6 = "fd00:88::1"
+# builtin: the gateway, the bridge's address (default: the subnet's first
+# address), e.g.
+#   gateway = "{gateway}"
+
+# builtin: an IPv6 subnet gives every pod an IPv6 address too (dual stack),
+# with its gateway (default: the subnet's first address), e.g.
+#   subnet_v6 = "fd00:88::/64"
+#   gateway_v6 = "fd00:88::1"
 
 # builtin: MTU of the bridge and of the pods' eth0.
 mtu = {mtu}
@@ -307,6 +309,26 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.root, PathBuf::from("/srv/berth"));
         assert_eq!(cfg.log_level, "debug");
+    }
+
+    #[test]
+    fn network_section() {
+        let c = Config::from_toml(
+            "[network]\nmode = \"cni\"\nsubnet = \"10.5.0.0/24\"\nsubnet_v6 = \"fd00:5::/64\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.network.mode, crate::network::Mode::Cni);
+        assert_eq!(c.network.gateway_v4().to_string(), "10.5.0.1");
+        assert!(Config::from_toml("[network]\nmode = \"bridge\"\n").is_err());
+        let mut bad = Config::default();
+        bad.network.mtu = 10;
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                key: "network.mtu",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -387,6 +387,12 @@ async fn pods_talk_over_the_bridge() {
     assert!(route.contains("via 10.88.0.1 dev eth0"), "{route}");
     let br = ip_in(&test_netns(&ns), &["-o", "addr", "show", "dev", "berth0"]);
     assert!(br.contains("inet 10.88.0.1/16"), "{br}");
+    // The harness's leak check sees them while the pods exist.
+    let objs = berth_network_objects(ns.pid());
+    assert!(
+        objs.iter().any(|o| o.contains("bveth")) && objs.iter().any(|o| o.contains("inet berth")),
+        "{objs:?}"
+    );
 
     // Pod to pod, both ways, with the real source addresses.
     let la = listen(&na, "0.0.0.0:7000");
@@ -861,5 +867,63 @@ async fn cni_hung_plugin_times_out() {
         })
         .collect();
     assert!(left.is_empty(), "plugin processes left: {left:?}");
+    finish(ns, berth, rt);
+}
+
+/// kill -9 of the daemon before and after the CNI ADD: the restarted daemon
+/// runs DEL from its cache, so neither a host-local lease nor a veth is
+/// left, and the pod can then be made.
+#[tokio::test]
+async fn cni_kill_during_setup_leaves_nothing() {
+    let ns = Netns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    ns.track_dir(tmp.path());
+    let conf = tmp.path().join("net.d");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(conf.join("10-test.conflist"), cni_conflist(tmp.path())).unwrap();
+    let mut berth = Berth::start(&ns, cni_opts(&conf, &[Path::new("/usr/lib/cni")], 30));
+    let leases = tmp.path().join("ipam/berth-test");
+    let ips_leased = || -> Vec<String> {
+        std::fs::read_dir(&leases)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for point in ["net-after-record", "net-cni-after-add"] {
+        berth.opts.env = vec![("BERTH_FAILPOINT".into(), point.into())];
+        berth.restart();
+        let mut rt = berth.runtime_client().await;
+        assert!(
+            try_run(&mut rt, pod_config(point, vec![])).await.is_err(),
+            "{point}: berth survived"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while berth.is_running() {
+            assert!(Instant::now() < deadline, "{point}: berth did not die");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if point == "net-cni-after-add" {
+            assert_eq!(ips_leased().len(), 1, "ADD ran before the kill");
+        }
+        berth.opts.env.clear();
+        berth.restart();
+        assert!(
+            ips_leased().is_empty(),
+            "{point}: leases left {:?}",
+            ips_leased()
+        );
+        let links = ip_in(&test_netns(&ns), &["-o", "link"]);
+        assert!(!links.contains("veth"), "{point}: veths left: {links}");
+    }
+    let mut rt = berth.runtime_client().await;
+    let id = run(&mut rt, pod_config("after", vec![])).await;
+    assert!(pod_ips(&mut rt, &id).await.0.starts_with("10.22.0."));
+    stop(&mut rt, &id).await;
+    remove(&mut rt, &id).await;
+    assert!(ips_leased().is_empty());
     finish(ns, berth, rt);
 }

@@ -264,6 +264,7 @@ impl Cni {
         crate::failpoint::hit("net-after-record");
         match self.run_list(&cached, "ADD") {
             Ok(result) => {
+                crate::failpoint::hit("net-cni-after-add");
                 let ips = result_ips(&result);
                 let mut done = cached;
                 done.result = Some(result);
