@@ -447,6 +447,14 @@ async fn egress_nat_and_host_ports() {
             vec![
                 port(cri::Protocol::Tcp, 8080, 18080),
                 port(cri::Protocol::Udp, 5353, 15353),
+                // SCTP rules are accepted too (no SCTP traffic: the module
+                // may be missing).
+                port(cri::Protocol::Sctp, 9999, 19999),
+                // Only on 127.0.0.1.
+                cri::PortMapping {
+                    host_ip: "127.0.0.1".into(),
+                    ..port(cri::Protocol::Tcp, 8080, 18090)
+                },
                 // No host port: nothing to forward.
                 port(cri::Protocol::Tcp, 9090, 0),
             ],
@@ -471,6 +479,11 @@ async fn egress_nat_and_host_ports() {
         peer.ip().to_string(),
         OUTSIDE_IP,
         "external clients keep their address"
+    );
+    tcp_round_trip(&l, &tns, "127.0.0.1:18090");
+    assert!(
+        connect(&tns, "10.88.0.1:18090").is_err(),
+        "a host_ip mapping answers on another address"
     );
     let u = in_netns(&pod, || UdpSocket::bind("0.0.0.0:5353").unwrap());
     udp_round_trip(&u, &tns, "127.0.0.1:15353");
@@ -758,6 +771,7 @@ async fn cni_bridge_host_local_portmap() {
     ns.track_dir(tmp.path());
     let conf = tmp.path().join("net.d");
     std::fs::create_dir(&conf).unwrap();
+    let out = outside(&ns);
     let berth = Berth::start(&ns, cni_opts(&conf, &[Path::new("/usr/lib/cni")], 30));
     let mut rt = berth.runtime_client().await;
     let nr = network_ready(&mut rt).await;
@@ -777,7 +791,13 @@ async fn cni_bridge_host_local_portmap() {
 
     let a = run(
         &mut rt,
-        pod_config("a", vec![port(cri::Protocol::Tcp, 8080, 18080)]),
+        pod_config(
+            "a",
+            vec![
+                port(cri::Protocol::Tcp, 8080, 18080),
+                port(cri::Protocol::Udp, 5353, 15353),
+            ],
+        ),
     )
     .await;
     let b = run(&mut rt, pod_config("b", vec![])).await;
@@ -793,7 +813,15 @@ async fn cni_bridge_host_local_portmap() {
     let peer = tcp_round_trip(&l, &nb, &format!("{ip_a}:8080"));
     assert_eq!(peer.ip().to_string(), ip_b);
     tcp_round_trip(&l, &test_netns(&ns), "10.22.0.1:18080");
-    drop(l);
+    let peer = tcp_round_trip(&l, &out.netns, &format!("{TEST_NS_IP}:18080"));
+    assert_eq!(peer.ip().to_string(), OUTSIDE_IP);
+    let u = in_netns(&na, || UdpSocket::bind("0.0.0.0:5353").unwrap());
+    udp_round_trip(&u, &out.netns, &format!("{TEST_NS_IP}:15353"));
+    // Egress through the bridge plugin's ipMasq.
+    let lo = listen(&out.netns, &format!("{OUTSIDE_IP}:7100"));
+    let peer = tcp_round_trip(&lo, &nb, &format!("{OUTSIDE_IP}:7100"));
+    assert_eq!(peer.ip().to_string(), TEST_NS_IP, "egress is masqueraded");
+    drop((l, u, lo));
 
     let leases = tmp.path().join("ipam/berth-test");
     assert!(leases.join(&ip_a).exists(), "host-local lease of {ip_a}");
