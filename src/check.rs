@@ -119,14 +119,28 @@ pub fn run_checks() -> Vec<Item> {
         detail: format!("max_user_namespaces={max_userns}"),
         hint: "sysctl user.max_user_namespaces=15000 (needed for pods with hostUsers: false)",
     });
-    let nft =
+    let module =
         Path::new("/sys/module/nf_tables").exists() || read("/proc/modules").contains("nf_tables");
+    // A kernel with nf_tables built in shows no module: a read-only listing
+    // through nft proves it works.
+    let listed = !module
+        && in_path("nft").is_some_and(|nft| {
+            std::process::Command::new(nft)
+                .args(["list", "tables"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    let nft = module || listed;
     items.push(Item {
         name: "nftables",
         ok: nft,
         required: false,
-        detail: if nft {
+        detail: if module {
             "nf_tables loaded".into()
+        } else if listed {
+            "nf_tables available (nft list tables works)".into()
         } else {
             "nf_tables module not loaded".into()
         },
