@@ -598,6 +598,11 @@ async fn addresses_are_never_shared_and_reused_after_release() {
     drop(l);
 
     stop(&mut rt, &id1).await;
+    assert_eq!(
+        pod_ips(&mut rt, &id1).await.0,
+        "",
+        "a stopped pod reports no address"
+    );
     let p5 = run(&mut rt, pod_config("p5", vec![])).await;
     assert_eq!(
         pod_ips(&mut rt, &p5).await.0,

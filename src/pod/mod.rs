@@ -575,7 +575,9 @@ impl PodManager {
                     source,
                 })?;
         }
-        if rec.state != PodState::NotReady {
+        // Released addresses may go to the next pod: stop reporting them.
+        if rec.state != PodState::NotReady || !rec.ips.is_empty() {
+            rec.ips.clear();
             rec.state = PodState::NotReady;
             self.persist(&rec)?;
             tracing::info!(pod = %id, "pod sandbox stopped");
