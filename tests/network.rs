@@ -490,6 +490,10 @@ async fn egress_nat_and_host_ports() {
     udp_round_trip(&u, &out.netns, &format!("{TEST_NS_IP}:15353"));
     // The container port itself is reachable directly too.
     tcp_round_trip(&l, &tns, &format!("{ip}:8080"));
+    // Hairpin: the pod reaches its own host port through the host's address,
+    // and sees the connection come from the host.
+    let peer = tcp_round_trip(&l, &pod, "10.88.0.1:18080");
+    assert_eq!(peer.ip().to_string(), "10.88.0.1");
 
     // Same host port and protocol: refused, naming the port and the owner.
     let e = assert_code(

@@ -9,7 +9,7 @@ use super::NetworkError;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -219,7 +219,15 @@ pub async fn create_veth(
         )
         .execute()
         .await
-        .map_err(nl(format!("attach {host} to the bridge")))
+        .map_err(nl(format!("attach {host} to the bridge")))?;
+    // Hairpin, as CNI's bridge plugin offers it: on hosts with
+    // br_netfilter, a pod reaching its own host port is DNAT-ed while still
+    // bridged and must go back out of the port it came in on.
+    h.link()
+        .set_port(LinkBridgePort::new(idx).hairpin(true).build())
+        .execute()
+        .await
+        .map_err(nl(format!("set hairpin on {host}")))
 }
 
 /// Inside the pod's namespace: `ifname` up with its addresses and a default
