@@ -119,14 +119,28 @@ pub fn run_checks() -> Vec<Item> {
         detail: format!("max_user_namespaces={max_userns}"),
         hint: "sysctl user.max_user_namespaces=15000 (needed for pods with hostUsers: false)",
     });
-    let nft =
+    let module =
         Path::new("/sys/module/nf_tables").exists() || read("/proc/modules").contains("nf_tables");
+    // A kernel with nf_tables built in shows no module: a read-only listing
+    // through nft proves it works.
+    let listed = !module
+        && in_path("nft").is_some_and(|nft| {
+            std::process::Command::new(nft)
+                .args(["list", "tables"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    let nft = module || listed;
     items.push(Item {
         name: "nftables",
         ok: nft,
         required: false,
-        detail: if nft {
+        detail: if module {
             "nf_tables loaded".into()
+        } else if listed {
+            "nf_tables available (nft list tables works)".into()
         } else {
             "nf_tables module not loaded".into()
         },
@@ -145,7 +159,8 @@ pub fn run_checks() -> Vec<Item> {
         },
         hint: "a kernel built with CONFIG_SECCOMP_FILTER",
     });
-    // berth does everything itself; nft is only a debugging aid for its rules.
+    // The built-in network writes its NAT and host-port rules through nft's
+    // JSON interface.
     let nft_bin = in_path("nft");
     items.push(Item {
         name: "binary nft",
@@ -154,7 +169,31 @@ pub fn run_checks() -> Vec<Item> {
         detail: nft_bin
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "nft not in PATH".into()),
-        hint: "optional: apt-get install nftables (to inspect berth's rules)",
+        hint: "apt-get install nftables (the built-in network needs it for egress NAT and host ports)",
+    });
+    let fwd = read("/proc/sys/net/ipv4/ip_forward");
+    items.push(Item {
+        name: "IPv4 forwarding",
+        ok: fwd.trim() == "1",
+        required: false,
+        detail: format!("net.ipv4.ip_forward={}", fwd.trim()),
+        hint: "berth turns it on when network.ip_forward is true (the default); with CNI the plugins do",
+    });
+    let cni: Vec<String> = ["/opt/cni/bin", "/usr/lib/cni"]
+        .iter()
+        .filter(|d| Path::new(d).join("bridge").is_file())
+        .map(|d| d.to_string())
+        .collect();
+    items.push(Item {
+        name: "CNI plugins",
+        ok: !cni.is_empty(),
+        required: false,
+        detail: if cni.is_empty() {
+            "no bridge plugin in /opt/cni/bin or /usr/lib/cni".into()
+        } else {
+            format!("found in {}", cni.join(", "))
+        },
+        hint: "only for network.mode = \"cni\": apt-get install containernetworking-plugins",
     });
     items
 }

@@ -39,6 +39,7 @@ pub struct Config {
     pub cgroup: CgroupConfig,
     pub stats: StatsConfig,
     pub container: ContainerConfig,
+    pub network: crate::network::NetworkConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +111,7 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             stats: StatsConfig::default(),
             container: ContainerConfig::default(),
+            network: crate::network::NetworkConfig::default(),
         }
     }
 }
@@ -205,7 +207,9 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
-        Ok(())
+        self.network
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })
     }
 }
 
@@ -258,6 +262,7 @@ allow_missing_controllers = false
 # Seconds between two walks of a container's writable layer (upper directory)
 # for its disk use; stats calls in between serve the last walk's result.
 writable_layer_interval_secs = {wli}
+
 [container]
 # RLIMIT_NOFILE soft limit of container processes.
 nofile_soft = {nofile_soft}
@@ -265,6 +270,45 @@ nofile_soft = {nofile_soft}
 # RLIMIT_NOFILE hard limit, capped at berth's own hard limit (raising it
 # would need CAP_SYS_RESOURCE).
 nofile_hard = {nofile_hard}
+
+[network]
+# Network of non-hostNetwork pods: "builtin" (berth's bridge, veth pairs,
+# IPAM, NAT and host ports), "cni" (plugins configured in cni_conf_dir) or
+# "none" (loopback only).
+mode = "builtin"
+
+# builtin: the bridge, created on first use and removed with the last pod.
+bridge = "{bridge}"
+
+# builtin: pod IPv4 subnet.
+subnet = "{subnet}"
+
+# builtin: the gateway, the bridge's address (default: the subnet's first
+# address), e.g.
+#   gateway = "{gateway}"
+
+# builtin: an IPv6 subnet gives every pod an IPv6 address too (dual stack),
+# with its gateway (default: the subnet's first address), e.g.
+#   subnet_v6 = "fd00:88::/64"
+#   gateway_v6 = "fd00:88::1"
+
+# builtin: MTU of the bridge and of the pods' eth0.
+mtu = {mtu}
+
+# builtin: turn on net.ipv4.ip_forward (and IPv6 forwarding with subnet_v6),
+# which egress and host ports need; berth logs when it does.
+ip_forward = true
+
+# cni: directory whose first *.conflist/*.conf/*.json (by name) is the pod
+# network; re-read at each pod, so a config written later needs no restart.
+cni_conf_dir = "{cni_conf}"
+
+# cni: directories searched for plugin binaries, in order.
+cni_bin_dirs = [{cni_bins}]
+
+# cni: seconds one plugin invocation (ADD/DEL/CHECK) may run before it is
+# killed and the operation fails.
+cni_plugin_timeout_secs = {cni_timeout}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -277,6 +321,19 @@ nofile_hard = {nofile_hard}
         wli = d.stats.writable_layer_interval_secs,
         nofile_soft = d.container.nofile_soft,
         nofile_hard = d.container.nofile_hard,
+        bridge = d.network.bridge,
+        subnet = d.network.subnet,
+        gateway = d.network.gateway_v4(),
+        mtu = d.network.mtu,
+        cni_conf = d.network.cni_conf_dir.display(),
+        cni_bins = d
+            .network
+            .cni_bin_dirs
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cni_timeout = d.network.cni_plugin_timeout_secs,
     )
 }
 
@@ -313,6 +370,26 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.root, PathBuf::from("/srv/berth"));
         assert_eq!(cfg.log_level, "debug");
+    }
+
+    #[test]
+    fn network_section() {
+        let c = Config::from_toml(
+            "[network]\nmode = \"cni\"\nsubnet = \"10.5.0.0/24\"\nsubnet_v6 = \"fd00:5::/64\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.network.mode, crate::network::Mode::Cni);
+        assert_eq!(c.network.gateway_v4().to_string(), "10.5.0.1");
+        assert!(Config::from_toml("[network]\nmode = \"bridge\"\n").is_err());
+        let mut bad = Config::default();
+        bad.network.mtu = 10;
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                key: "network.mtu",
+                ..
+            })
+        ));
     }
 
     #[test]

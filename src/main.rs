@@ -8,6 +8,7 @@ mod failpoint;
 mod image;
 mod linux;
 mod monitor;
+mod network;
 mod pod;
 mod server;
 mod store;

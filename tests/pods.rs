@@ -578,7 +578,7 @@ fn finish(ns: Netns, berth: Berth, rt: Rt) {
 // ---------------------------------------------------------------------------
 
 /// A kubelet-default pod (network POD, pid CONTAINER, ipc POD): its own
-/// netns with just `lo` up, pinned under the state dir; an infra `berth
+/// netns with `lo` up and eth0, pinned under the state dir; an infra `berth
 /// pause` process in that netns and in new IPC and UTS namespaces with the
 /// requested hostname, in berth's pid namespace.
 #[tokio::test]
@@ -601,7 +601,7 @@ async fn pod_gets_own_network_ipc_and_uts_namespaces() {
         "infra argv: {a:?}"
     );
 
-    // Network: a new namespace, only lo, and lo is up.
+    // Network: a new namespace with lo up and the built-in network's eth0.
     assert_ne!(
         ns_link(p.pid, "net"),
         ns_link(bpid, "net"),
@@ -609,7 +609,7 @@ async fn pod_gets_own_network_ipc_and_uts_namespaces() {
     );
     assert_eq!(
         interfaces(p.pid),
-        vec!["lo".to_string()],
+        vec!["eth0".to_string(), "lo".to_string()],
         "interfaces in the pod netns"
     );
     loopback_works(p.pid).unwrap_or_else(|e| panic!("lo is not up in the pod netns: {e}"));
@@ -825,9 +825,10 @@ async fn status_and_list_report_the_pod() {
             NamespaceMode::Pod as i32
         )
     );
-    if let Some(net) = &st.network {
-        assert_eq!(net.ip, "", "no pod networking yet: {net:?}");
-    }
+    // The built-in network's default subnet.
+    let net = st.network.as_ref().expect("status.network");
+    assert!(net.ip.starts_with("10.88."), "pod ip: {net:?}");
+    assert!(net.additional_ips.is_empty(), "no IPv6 subnet: {net:?}");
 
     let info = verbose_info(&mut rt, &id).await;
     let pid = info["pid"].as_i64().expect("info.pid is a number");

@@ -99,3 +99,27 @@ fn unsafe_zeroed_ifreq() -> libc::ifreq {
     // such; all-zero bytes are a valid value for it.
     unsafe { std::mem::zeroed() }
 }
+
+/// Runs `f` on a new thread that has joined the network namespace pinned at
+/// `pin`, so sockets `f` opens (netlink, /proc/sys/net) belong to it. The
+/// thread ends with `f`: a thread that switched namespaces is never reused.
+pub fn run_in<T: Send + 'static>(
+    pin: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, LinuxError> {
+    let pin = pin.to_path_buf();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&pin).map_err(sys("open netns", pin.display()))?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+            .map_err(sys("join netns", pin.display()))?;
+        Ok(f())
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(LinuxError::Sys {
+            op: "run in netns",
+            object: "thread".into(),
+            source: std::io::Error::other("netns thread panicked"),
+        })
+    })
+}

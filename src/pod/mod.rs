@@ -42,6 +42,11 @@ pub enum PodError {
     Kernel { id: String, source: LinuxError },
     #[error("pod sandbox {id}: {source}")]
     State { id: String, source: StoreError },
+    #[error("pod sandbox {id}: {source}")]
+    Network {
+        id: String,
+        source: crate::network::NetworkError,
+    },
     #[error("pod sandbox {id}: {what}: {source}")]
     Io {
         id: String,
@@ -94,6 +99,9 @@ pub struct PodSpec {
     /// Namespaced sysctls set in the pod's network and IPC namespaces.
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// Host ports to forward (mappings with host_port 0 are left out).
+    #[serde(default)]
+    pub port_mappings: Vec<crate::network::PortMapping>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +143,9 @@ pub struct PodRecord {
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
     pub infra: Option<Infra>,
+    /// The pod's addresses on its network, primary first.
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodRecord {
@@ -157,6 +168,7 @@ pub struct PodFilter {
 
 pub struct PodManager {
     cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
+    network: std::sync::Arc<crate::network::Network>,
     pods_dir: PathBuf,
     netns_dir: PathBuf,
     exe: PathBuf,
@@ -171,6 +183,7 @@ impl PodManager {
         root: &Path,
         state_dir: &Path,
         cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
+        network: std::sync::Arc<crate::network::Network>,
     ) -> Result<std::sync::Arc<PodManager>, PodError> {
         let io = |what: &str, source| PodError::Io {
             id: String::new(),
@@ -185,6 +198,7 @@ impl PodManager {
         let exe = std::env::current_exe().map_err(|e| io("find berth's own binary", e))?;
         let m = PodManager {
             cgroups,
+            network,
             pods_dir,
             netns_dir,
             exe,
@@ -292,6 +306,11 @@ impl PodManager {
                 }
             }
         }
+        let live = pods
+            .values()
+            .filter_map(|p| p.netns.clone().map(|n| (p.id.clone(), n)))
+            .collect();
+        self.network.reconcile(&live);
         kill_orphan_infras(&self.exe, &self.pods_dir, &pods);
         *lock(&self.pods) = pods;
         Ok(())
@@ -307,6 +326,12 @@ impl PodManager {
             process::kill_and_wait(i.into(), INFRA_STOP_TIMEOUT).map_err(kernel)?;
         }
         if let Some(pin) = &rec.netns {
+            self.network
+                .teardown(&rec.id, pin)
+                .map_err(|source| PodError::Network {
+                    id: rec.id.clone(),
+                    source,
+                })?;
             netns::remove_pin(pin).map_err(kernel)?;
         }
         if let Some(shm) = &rec.shm {
@@ -378,6 +403,7 @@ impl PodManager {
             state: PodState::Creating,
             created_at: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
             infra: None,
+            ips: Vec::new(),
         };
         let made = (|| {
             std::fs::create_dir(&dir).map_err(|source| PodError::Io {
@@ -395,6 +421,16 @@ impl PodManager {
             if let Some(pin) = &rec.netns {
                 netns::create_pinned(pin).map_err(kernel)?;
                 crate::failpoint::hit("pod-after-netns");
+                rec.ips = self
+                    .network
+                    .setup(&network_of(&rec, pin))
+                    .map_err(|source| PodError::Network {
+                        id: id.clone(),
+                        source,
+                    })?;
+                if !rec.ips.is_empty() {
+                    self.write_files(&rec)?;
+                }
             }
             if let Some(shm) = &rec.shm {
                 crate::linux::shm::mount_shm(shm, SHM_SIZE).map_err(kernel)?;
@@ -462,7 +498,13 @@ impl PodManager {
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         for (name, content) in [
             ("hostname", files::hostname(rec.hostname())),
-            ("hosts", files::hosts(rec.hostname(), &[])),
+            (
+                "hosts",
+                files::hosts(
+                    rec.hostname(),
+                    &rec.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                ),
+            ),
             (
                 "resolv.conf",
                 files::resolv_conf(rec.spec.dns.as_ref(), &host_resolv),
@@ -559,7 +601,17 @@ impl PodManager {
             })?;
         }
         crate::failpoint::hit("pod-stop-after-kill");
-        if rec.state != PodState::NotReady {
+        if let Some(pin) = &rec.netns {
+            self.network
+                .teardown(&id, pin)
+                .map_err(|source| PodError::Network {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        // Released addresses may go to the next pod: stop reporting them.
+        if rec.state != PodState::NotReady || !rec.ips.is_empty() {
+            rec.ips.clear();
             rec.state = PodState::NotReady;
             self.persist(&rec)?;
             tracing::info!(pod = %id, "pod sandbox stopped");
@@ -595,6 +647,10 @@ impl PodManager {
         &self.pods_dir
     }
 
+    pub fn network(&self) -> &crate::network::Network {
+        &self.network
+    }
+
     /// berth's own binary, as infra processes run it.
     pub fn exe(&self) -> &Path {
         &self.exe
@@ -625,6 +681,22 @@ fn check_sysctls(spec: &PodSpec) -> Result<(), PodError> {
         }
     }
     Ok(())
+}
+
+fn network_of(rec: &PodRecord, pin: &Path) -> crate::network::PodNetwork {
+    crate::network::PodNetwork {
+        id: rec.id.clone(),
+        netns: pin.to_path_buf(),
+        name: rec.spec.name.clone(),
+        namespace: rec.spec.namespace.clone(),
+        uid: rec.spec.uid.clone(),
+        ports: rec.spec.port_mappings.clone(),
+        dns: rec.spec.dns.as_ref().map(|d| crate::network::Dns {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        }),
+    }
 }
 
 /// Infra processes of pods that have no record (a crash between spawning the

@@ -115,7 +115,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         config.cgroup.allow_missing_controllers,
     ));
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
-    let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
+    let network = Arc::new(crate::network::Network::new(&config.network, &config.root));
+    let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone(), network)?;
     let containers = ContainerManager::open(
         &config.root,
         images.image_fs_dir(),

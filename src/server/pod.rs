@@ -13,10 +13,70 @@ pub fn status_of(e: PodError) -> Status {
         PodError::NotFound(_) => Status::not_found(msg),
         PodError::Ambiguous(_) | PodError::Invalid(_) => Status::invalid_argument(msg),
         PodError::AlreadyExists { .. } => Status::already_exists(msg),
+        PodError::Network { source, .. } => {
+            use crate::network::NetworkError as N;
+            match source {
+                N::InvalidPort(_) => Status::invalid_argument(msg),
+                N::PortConflict { .. } => Status::failed_precondition(msg),
+                N::Exhausted(_) => Status::resource_exhausted(msg),
+                N::NotReady(_) | N::CniConfig(_) => Status::failed_precondition(msg),
+                _ => Status::internal(msg),
+            }
+        }
         PodError::Kernel { .. } | PodError::State { .. } | PodError::Io { .. } => {
             Status::internal(msg)
         }
     }
+}
+
+/// CRI port mappings with a host port; those without one need no network
+/// setup (kubelet lists every declared container port).
+fn port_mappings(pms: Vec<cri::PortMapping>) -> Result<Vec<crate::network::PortMapping>, Status> {
+    use crate::network::{PortMapping, Protocol};
+    let mut out = Vec::new();
+    for pm in pms {
+        if pm.host_port == 0 {
+            continue;
+        }
+        let bad = |what: String| {
+            Status::invalid_argument(format!("RunPodSandbox: port_mappings: {what}"))
+        };
+        let host_port = u16::try_from(pm.host_port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad(format!("host_port {} is outside 1-65535", pm.host_port)))?;
+        let container_port = u16::try_from(pm.container_port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "container_port {} is outside 1-65535",
+                    pm.container_port
+                ))
+            })?;
+        let protocol = match cri::Protocol::try_from(pm.protocol) {
+            Ok(cri::Protocol::Tcp) => Protocol::Tcp,
+            Ok(cri::Protocol::Udp) => Protocol::Udp,
+            Ok(cri::Protocol::Sctp) => Protocol::Sctp,
+            Err(_) => return Err(bad(format!("unknown protocol {}", pm.protocol))),
+        };
+        let host_ip = match pm.host_ip.as_str() {
+            "" => None,
+            ip => {
+                let ip: std::net::IpAddr = ip
+                    .parse()
+                    .map_err(|_| bad(format!("host_ip {ip:?} is not an IP address")))?;
+                (!ip.is_unspecified()).then_some(ip)
+            }
+        };
+        out.push(PortMapping {
+            protocol,
+            container_port,
+            host_port,
+            host_ip,
+        });
+    }
+    Ok(out)
 }
 
 fn ns_mode(v: i32) -> Result<NsMode, Status> {
@@ -54,6 +114,7 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     let md = c
         .metadata
         .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config.metadata is required"))?;
+    let port_mappings = port_mappings(c.port_mappings)?;
     let linux = c.linux.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
     let privileged = sc.privileged;
@@ -83,6 +144,7 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
             .resources
             .map(super::container::resources_from)
             .unwrap_or_default(),
+        port_mappings,
     })
 }
 
@@ -117,10 +179,15 @@ pub fn to_status(p: &PodRecord) -> cri::PodSandboxStatus {
         metadata: Some(metadata(p)),
         state: cri_state(p.state),
         created_at: p.created_at,
-        // Pod IPs come with the networking issue; host-network pods have none of their own.
+        // Host-network pods have no address of their own: kubelet uses the node's.
         network: Some(cri::PodSandboxNetworkStatus {
-            ip: String::new(),
-            additional_ips: vec![],
+            ip: p.ips.first().map(|i| i.to_string()).unwrap_or_default(),
+            additional_ips: p
+                .ips
+                .iter()
+                .skip(1)
+                .map(|i| cri::PodIp { ip: i.to_string() })
+                .collect(),
         }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {

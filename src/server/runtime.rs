@@ -72,13 +72,14 @@ impl RuntimeService for RuntimeApi {
                     reason: String::new(),
                     message: String::new(),
                 },
-                cri::RuntimeCondition {
-                    r#type: "NetworkReady".into(),
-                    status: false,
-                    reason: "NetworkNotImplemented".into(),
-                    message:
-                        "berth cannot set up pod networks yet; only hostNetwork pods would work"
-                            .into(),
+                {
+                    let r = self.0.pods.network().readiness();
+                    cri::RuntimeCondition {
+                        r#type: "NetworkReady".into(),
+                        status: r.ready,
+                        reason: r.reason,
+                        message: r.message,
+                    }
                 },
             ];
             let mut info = HashMap::new();

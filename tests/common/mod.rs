@@ -326,6 +326,36 @@ pub fn assert_no_leaks(dir: &Path) {
     );
 }
 
+/// berth's built-in network objects in `pid`'s network namespace: pod veths
+/// (`bveth*`), the default bridge and berth's nftables table.
+pub fn berth_network_objects(pid: i32) -> Vec<String> {
+    let run = |args: &[&str]| {
+        Command::new("nsenter")
+            .args(["--target", &pid.to_string(), "--net", "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut found = Vec::new();
+    for l in run(&["ip", "-o", "link", "show"]).lines() {
+        let name = l.split(':').nth(1).unwrap_or("").trim();
+        let name = name.split('@').next().unwrap_or("");
+        if name.starts_with("bveth") || name == "berth0" {
+            found.push(format!("link {name}"));
+        }
+    }
+    if find_in_path("nft").is_some() {
+        for l in run(&["nft", "list", "tables"]).lines() {
+            if l.trim() == "table inet berth" {
+                found.push(l.trim().to_string());
+            }
+        }
+    }
+    found
+}
+
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -547,6 +577,16 @@ impl Netns {
             dir.display()
         );
         assert_no_leaks(dir);
+        let net = berth_network_objects(self.inner.pid);
+        assert!(
+            net.is_empty(),
+            "berth network objects left in the test network namespace: {net:#?}"
+        );
+        let host = berth_network_objects(std::process::id() as i32);
+        assert!(
+            host.is_empty(),
+            "berth network objects in the host's network namespace: {host:#?}"
+        );
     }
 
     /// Processes currently considered part of this namespace (excluding the
