@@ -37,6 +37,34 @@ pub struct Config {
     pub log_level: String,
     pub image: ImageConfig,
     pub cgroup: CgroupConfig,
+    pub streaming: StreamingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// Address the Exec/Attach/PortForward HTTP server listens on.
+    pub address: std::net::IpAddr,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Seconds a URL returned by Exec/Attach/PortForward stays usable.
+    pub token_ttl_secs: u64,
+    /// Seconds a streaming connection may stay without traffic.
+    pub idle_timeout_secs: u64,
+    /// Connections (including ones still upgrading) served at once.
+    pub max_connections: usize,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port: 0,
+            token_ttl_secs: 60,
+            idle_timeout_secs: 4 * 3600,
+            max_connections: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -71,6 +99,7 @@ impl Default for Config {
             log_level: "info".into(),
             image: ImageConfig::default(),
             cgroup: CgroupConfig::default(),
+            streaming: StreamingConfig::default(),
         }
     }
 }
@@ -160,6 +189,18 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        if self.streaming.token_ttl_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "streaming.token_ttl_secs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.streaming.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "streaming.max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
         Ok(())
     }
 }
@@ -208,6 +249,21 @@ mode = "auto"
 # Run containers whose requested limits need a missing controller (warning
 # once per controller) instead of failing CreateContainer.
 allow_missing_controllers = false
+
+[streaming]
+# The HTTP server whose URLs Exec, Attach and PortForward return (SPDY/3.1
+# and WebSocket upgrades). Port 0 picks a free port at every start.
+address = "{s_addr}"
+port = {s_port}
+
+# Seconds a returned URL stays usable; each URL works once.
+token_ttl_secs = {s_ttl}
+
+# Seconds a streaming session may go without traffic before it is closed.
+idle_timeout_secs = {s_idle}
+
+# Connections served at once (the rest are refused), upgrading ones included.
+max_connections = {s_max}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -217,6 +273,11 @@ allow_missing_controllers = false
         certs_dir = d.image.certs_dir.display(),
         mcd = d.image.max_concurrent_downloads,
         rts = d.image.registry_timeout_secs,
+        s_addr = d.streaming.address,
+        s_port = d.streaming.port,
+        s_ttl = d.streaming.token_ttl_secs,
+        s_idle = d.streaming.idle_timeout_secs,
+        s_max = d.streaming.max_connections,
     )
 }
 

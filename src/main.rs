@@ -11,6 +11,7 @@ mod monitor;
 mod pod;
 mod server;
 mod store;
+mod streaming;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -929,30 +929,11 @@ impl ContainerManager {
         cmd: &[String],
         timeout: Option<Duration>,
     ) -> Result<crate::linux::exec::ExecOutput, ContainerError> {
-        let rec = self.get(id)?;
         if cmd.is_empty() {
             return Err(ContainerError::Invalid("ExecSync: cmd is empty".into()));
         }
-        let init = match (rec.state, rec.init) {
-            (ContainerState::Running, Some(i)) if process::is_alive(i.into()) => i,
-            _ => {
-                return Err(ContainerError::FailedPrecondition {
-                    id: rec.id,
-                    reason: "the container is not running".into(),
-                })
-            }
-        };
-        let spec = crate::linux::exec::ExecSpec {
-            target_pid: init.pid,
-            argv: cmd,
-            env: &rec.env,
-            cwd: &rec.cwd,
-            uid: rec.uid,
-            gid: rec.gid,
-            groups: &rec.groups,
-            timeout,
-            max_output: 16 << 20,
-        };
+        let (rec, init) = self.running(id)?;
+        let spec = exec_spec(&rec, init.pid, cmd, timeout);
         crate::linux::exec::exec_sync(&spec).map_err(|e| ContainerError::Internal {
             id: rec.id.clone(),
             what: "exec",
@@ -960,8 +941,132 @@ impl ContainerManager {
         })
     }
 
+    /// The record and init of a running container; FailedPrecondition
+    /// otherwise.
+    pub fn running(&self, id: &str) -> Result<(ContainerRecord, Proc), ContainerError> {
+        let rec = self.get(id)?;
+        match (rec.state, rec.init) {
+            (ContainerState::Running, Some(i)) if process::is_alive(i.into()) => Ok((rec, i)),
+            _ => Err(ContainerError::FailedPrecondition {
+                id: rec.id,
+                reason: "the container is not running".into(),
+            }),
+        }
+    }
+
+    /// Starts `cmd` in the running container like [`Self::exec_sync`] does,
+    /// with pipes or a pty for the caller to stream.
+    pub fn exec_start(
+        &self,
+        id: &str,
+        cmd: &[String],
+        io: ExecIoRequest,
+    ) -> Result<ExecStarted, ContainerError> {
+        if cmd.is_empty() {
+            return Err(ContainerError::Invalid("Exec: cmd is empty".into()));
+        }
+        let (rec, init) = self.running(id)?;
+        let fail = |what: &'static str| {
+            let id = rec.id.clone();
+            move |e: String| ContainerError::Internal {
+                id,
+                what,
+                detail: e,
+            }
+        };
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| format!("create pipe: {e}"))
+                .map_err(fail("exec"))
+        };
+        let mut stdio = crate::linux::exec::ExecStdio::default();
+        let mut started = ExecStarted::default();
+        if io.tty {
+            let (master, slave) = crate::linux::pty::open_in(init.pid, rec.uid, rec.gid)
+                .map_err(|e| e.to_string())
+                .map_err(fail("exec"))?;
+            let dup = |f: &std::os::fd::OwnedFd| {
+                f.try_clone()
+                    .map_err(|e| format!("dup pty: {e}"))
+                    .map_err(fail("exec"))
+            };
+            if io.stdin {
+                stdio.stdin = Some(dup(&slave)?);
+            }
+            stdio.stderr = Some(dup(&slave)?);
+            stdio.stdout = Some(slave);
+            stdio.tty = true;
+            started.pty = Some(master);
+        } else {
+            if io.stdin {
+                let (r, w) = pipe()?;
+                stdio.stdin = Some(r);
+                started.stdin = Some(w);
+            }
+            if io.stdout {
+                let (r, w) = pipe()?;
+                stdio.stdout = Some(w);
+                started.stdout = Some(r);
+            }
+            if io.stderr {
+                let (r, w) = pipe()?;
+                stdio.stderr = Some(w);
+                started.stderr = Some(r);
+            }
+        }
+        let spec = exec_spec(&rec, init.pid, cmd, None);
+        let (process, kill) = crate::linux::exec::spawn(&spec, stdio)
+            .map_err(|e| e.to_string())
+            .map_err(fail("exec"))?;
+        started.process = Some((process, kill));
+        Ok(started)
+    }
+
     pub fn dir_of(&self, id: &str) -> PathBuf {
         self.cdir(id)
+    }
+}
+
+/// Which stdio a streaming exec wants.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecIoRequest {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+/// A started streaming exec: the command and berth's ends of its stdio
+/// (with a tty only `pty`, the master, which carries both directions).
+#[derive(Default)]
+pub struct ExecStarted {
+    pub process: Option<(
+        crate::linux::exec::ExecProcess,
+        crate::linux::exec::KillSwitch,
+    )>,
+    pub stdin: Option<std::os::fd::OwnedFd>,
+    pub stdout: Option<std::os::fd::OwnedFd>,
+    pub stderr: Option<std::os::fd::OwnedFd>,
+    pub pty: Option<std::os::fd::OwnedFd>,
+}
+
+/// How every exec runs: the container's user, env and cwd.
+fn exec_spec<'a>(
+    rec: &'a ContainerRecord,
+    target_pid: i32,
+    cmd: &'a [String],
+    timeout: Option<Duration>,
+) -> crate::linux::exec::ExecSpec<'a> {
+    crate::linux::exec::ExecSpec {
+        target_pid,
+        argv: cmd,
+        env: &rec.env,
+        cwd: &rec.cwd,
+        uid: rec.uid,
+        gid: rec.gid,
+        groups: &rec.groups,
+        timeout,
+        max_output: 16 << 20,
     }
 }
 

@@ -1,11 +1,13 @@
 //! The low-level runtime: the only place with `unsafe`. Each unsafe block
 //! says why it is sound. Callers get plain functions over paths and pids.
 
+pub mod asyncfd;
 pub mod exec;
 pub mod fdpass;
 pub mod init;
 pub mod netns;
 pub mod process;
+pub mod pty;
 pub mod shm;
 
 #[derive(Debug, thiserror::Error)]

@@ -42,6 +42,8 @@ pub enum ServeError {
     Pod(#[from] crate::pod::PodError),
     #[error(transparent)]
     Container(#[from] crate::container::ContainerError),
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::StreamingError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -60,6 +62,7 @@ pub struct Daemon {
     pub images: ImageManager,
     pub pods: Arc<PodManager>,
     pub containers: Arc<ContainerManager>,
+    pub streaming: Arc<crate::streaming::Streaming>,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -111,11 +114,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
     let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
+    let streaming =
+        crate::streaming::Streaming::start(&config.streaming, containers.clone()).await?;
     let daemon = Arc::new(Daemon {
         config,
         images,
         pods,
         containers,
+        streaming,
     });
     let socket = daemon.config.socket.clone();
 

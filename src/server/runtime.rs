@@ -437,6 +437,49 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn exec(
+        &self,
+        req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        let req = req.into_inner();
+        rpc("Exec", &req.container_id.clone(), async {
+            let bad = |why: &str| {
+                Status::invalid_argument(format!("Exec in container {:?}: {why}", req.container_id))
+            };
+            if req.cmd.is_empty() {
+                return Err(bad("cmd is empty"));
+            }
+            if !req.stdout && !req.stderr {
+                return Err(bad("one of stdout and stderr is required"));
+            }
+            // As kubelet: a tty merges stderr into stdout.
+            if req.tty && req.stderr {
+                return Err(bad("tty and stderr cannot both be true"));
+            }
+            let (rec, _) = self
+                .0
+                .containers
+                .running(&req.container_id)
+                .map_err(container::status_of)?;
+            let url = self
+                .0
+                .streaming
+                .url(crate::streaming::Pending::Exec {
+                    container_id: rec.id,
+                    cmd: req.cmd,
+                    io: crate::container::ExecIoRequest {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        tty: req.tty,
+                    },
+                })
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            Ok(cri::ExecResponse { url })
+        })
+        .await
+    }
+
     async fn update_container_resources(
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
@@ -481,7 +524,6 @@ impl RuntimeService for RuntimeApi {
     }
 
     not_yet! {
-        exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
         container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";

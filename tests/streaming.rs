@@ -1,0 +1,504 @@
+//! Streaming Exec through the real daemon: the Exec RPC returns a URL on
+//! berth's streaming server, which a WebSocket client written here speaks
+//! the Kubernetes remotecommand protocols to.
+
+mod common;
+
+use common::*;
+use cri_proto::v1 as cri;
+use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
+use futures::{SinkExt, StreamExt};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
+
+struct Env {
+    berth: Berth,
+    reg: Registry,
+    ns: Netns,
+    rt: RuntimeServiceClient<Channel>,
+    logs: PathBuf,
+}
+
+async fn start_with(config_toml: &str) -> Env {
+    let ns = Netns::new();
+    let reg = Registry::start(&ns, RegistryOpts::default());
+    reg.push("busybox", "busybox:latest");
+    let berth = Berth::start(
+        &ns,
+        BerthOpts {
+            config_toml: config_toml.into(),
+            registries_conf: Some(
+                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
+            ),
+            ..Default::default()
+        },
+    );
+    let mut im = berth.image_client().await;
+    im.pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rt = berth.runtime_client().await;
+    let logs = berth.dir.join("pod-logs");
+    Env {
+        berth,
+        reg,
+        ns,
+        rt,
+        logs,
+    }
+}
+
+impl Env {
+    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: format!("{name}-host"),
+            log_directory: self.logs.join(name).display().to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// A pod with one container running `script`; its id.
+    async fn container(&mut self, name: &str, script: &str, start: bool) -> String {
+        let pod = self
+            .rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(self.pod_config(name)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod,
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: "c".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: IMAGE.into(),
+                        ..Default::default()
+                    }),
+                    command: vec!["sh".into(), "-c".into(), script.into()],
+                    log_path: "c/0.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(self.pod_config(name)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        if start {
+            self.rt
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .unwrap();
+        }
+        id
+    }
+
+    async fn exec_url(&mut self, req: cri::ExecRequest) -> Result<String, tonic::Status> {
+        self.rt.exec(req).await.map(|r| r.into_inner().url)
+    }
+
+    async fn finish(mut self) {
+        let pods = self
+            .rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        for p in pods {
+            self.rt
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: p.id,
+                })
+                .await
+                .unwrap();
+        }
+        let dir = self.berth.dir.clone();
+        let Env {
+            berth, reg, ns, rt, ..
+        } = self;
+        drop(rt);
+        drop(berth);
+        drop(reg);
+        ns.assert_no_leaks(&dir);
+    }
+}
+
+fn exec_req(id: &str, cmd: &[&str]) -> cri::ExecRequest {
+    cri::ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin: false,
+        stdout: true,
+        stderr: true,
+    }
+}
+
+/// host:port and path of a streaming URL.
+fn split_url(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let slash = rest.find('/').unwrap();
+    (rest[..slash].to_string(), rest[slash..].to_string())
+}
+
+/// A TCP connection made inside the test's network namespace (where berth's
+/// streaming server listens on 127.0.0.1).
+fn connect(ns: &Netns, hostport: &str) -> tokio::net::TcpStream {
+    let s = ns.tcp_connect(hostport).unwrap();
+    s.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(s).unwrap()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn ws_connect(ns: &Netns, url: &str, protocol: &str) -> Result<Ws, String> {
+    let (hostport, path) = split_url(url);
+    let mut req = format!("ws://{hostport}{path}")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    match tokio_tungstenite::client_async(req, connect(ns, &hostport)).await {
+        Ok((ws, resp)) => {
+            assert_eq!(
+                resp.headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                protocol
+            );
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            Err(format!("HTTP {}", resp.status().as_u16()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn is_base64(protocol: &str) -> bool {
+    protocol.contains("base64")
+}
+
+fn encode(protocol: &str, channel: u8, data: &[u8]) -> Message {
+    use base64::Engine;
+    if is_base64(protocol) {
+        let mut t = String::from(char::from(b'0'.wrapping_add(channel)));
+        t.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
+        Message::text(t)
+    } else {
+        let mut v = vec![channel];
+        v.extend_from_slice(data);
+        Message::binary(v)
+    }
+}
+
+fn decode(protocol: &str, msg: Message) -> Option<(u8, Vec<u8>)> {
+    use base64::Engine;
+    match msg {
+        Message::Binary(b) if !is_base64(protocol) => {
+            let (&c, rest) = b.split_first()?;
+            Some((c, rest.to_vec()))
+        }
+        Message::Text(t) if is_base64(protocol) => {
+            let t = t.as_str();
+            let c = t.as_bytes()[0].wrapping_sub(b'0');
+            Some((
+                c,
+                base64::engine::general_purpose::STANDARD
+                    .decode(&t[1..])
+                    .unwrap(),
+            ))
+        }
+        Message::Close(_) => None,
+        other => panic!("unexpected message for {protocol}: {other:?}"),
+    }
+}
+
+#[derive(Default, Debug)]
+struct Outcome {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    error: Vec<u8>,
+}
+
+impl Outcome {
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.error)
+            .unwrap_or_else(|e| panic!("error channel {:?}: {e}", self.error))
+    }
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Reads until the server closes; `on_stdout` may answer with messages.
+async fn collect(
+    ws: &mut Ws,
+    protocol: &str,
+    mut on_stdout: impl FnMut(&[u8]) -> Vec<Message>,
+) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(msg) = ws.next().await {
+        let Some((ch, data)) = decode(protocol, msg.unwrap()) else {
+            break;
+        };
+        match ch {
+            1 => {
+                o.stdout.extend_from_slice(&data);
+                for m in on_stdout(&o.stdout) {
+                    ws.send(m).await.unwrap();
+                }
+            }
+            2 => o.stderr.extend_from_slice(&data),
+            3 => o.error.extend_from_slice(&data),
+            c => panic!("unexpected channel {c}"),
+        }
+    }
+    o
+}
+
+const PROTOCOLS: [&str; 4] = [
+    "v5.channel.k8s.io",
+    "v5.base64.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+];
+
+#[tokio::test]
+async fn exec_over_websocket_without_tty() {
+    let mut env = start_with("").await;
+    let id = env.container("ws", "exec sleep 1000", true).await;
+    for protocol in PROTOCOLS {
+        let url = env
+            .exec_url(exec_req(
+                &id,
+                &["sh", "-c", "echo out; echo err >&2; hostname; exit 3"],
+            ))
+            .await
+            .unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        let o = collect(&mut ws, protocol, |_| vec![]).await;
+        assert_eq!(o.out(), "out\nws-host\n", "{protocol}");
+        assert_eq!(o.stderr, b"err\n", "{protocol}");
+        let st = o.status();
+        assert_eq!(st["status"], "Failure", "{protocol}: {st}");
+        assert_eq!(st["reason"], "NonZeroExitCode", "{protocol}: {st}");
+        assert_eq!(st["details"]["causes"][0]["reason"], "ExitCode");
+        assert_eq!(st["details"]["causes"][0]["message"], "3");
+
+        let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        let o = collect(&mut ws, protocol, |_| vec![]).await;
+        assert_eq!(o.status()["status"], "Success", "{protocol}");
+        assert!(o.stdout.is_empty() && o.stderr.is_empty());
+    }
+    // A command that is not there: 127 and runc's message.
+    let url = env.exec_url(exec_req(&id, &["no-such-cmd"])).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, PROTOCOLS[0]).await.unwrap();
+    let o = collect(&mut ws, PROTOCOLS[0], |_| vec![]).await;
+    assert_eq!(o.status()["details"]["causes"][0]["message"], "127");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("executable file not found"),
+        "{o:?}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_stdin_is_streamed_and_closed() {
+    let mut env = start_with("").await;
+    let id = env.container("stdin", "exec sleep 1000", true).await;
+    for protocol in ["v5.channel.k8s.io", "v5.base64.channel.k8s.io"] {
+        let mut req = exec_req(&id, &["cat"]);
+        req.stdin = true;
+        let url = env.exec_url(req).await.unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        ws.send(encode(protocol, 0, b"hello ")).await.unwrap();
+        ws.send(encode(protocol, 0, b"world\n")).await.unwrap();
+        // v5: closing stdin is channel 255 naming channel 0; cat then ends.
+        let mut closed = false;
+        let o = collect(&mut ws, protocol, |out| {
+            if !closed && out.ends_with(b"world\n") {
+                closed = true;
+                vec![encode(protocol, 255, &[0])]
+            } else {
+                vec![]
+            }
+        })
+        .await;
+        assert_eq!(o.out(), "hello world\n", "{protocol}");
+        assert_eq!(o.status()["status"], "Success");
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_with_tty_and_resize() {
+    let mut env = start_with("").await;
+    let id = env.container("tty", "exec sleep 1000", true).await;
+    let protocol = "v4.channel.k8s.io";
+    let mut req = exec_req(&id, &["sh", "-c", "tty; read line; stty size; exit 4"]);
+    req.tty = true;
+    req.stdin = true;
+    req.stderr = false;
+    let url = env.exec_url(req).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    let mut sent = false;
+    let o = collect(&mut ws, protocol, |out| {
+        if !sent && String::from_utf8_lossy(out).contains("/dev/pts/") {
+            sent = true;
+            vec![
+                encode(protocol, 4, br#"{"Width":123,"Height":45}"#),
+                encode(protocol, 0, b"go\r"),
+            ]
+        } else {
+            vec![]
+        }
+    })
+    .await;
+    let out = o.out();
+    // The terminal's line discipline: CRLF line ends, input echoed.
+    assert!(out.contains("/dev/pts/0\r\n"), "{out:?}");
+    assert!(out.contains("go\r\n"), "{out:?}");
+    assert!(out.contains("45 123\r\n"), "{out:?}");
+    assert_eq!(o.status()["details"]["causes"][0]["message"], "4");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_requests_are_validated() {
+    let mut env = start_with("").await;
+    let created = env.container("v1", "exec sleep 1000", false).await;
+    let e = env
+        .exec_url(exec_req(&created, &["true"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = env.exec_url(exec_req("nope", &["true"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let running = env.container("v2", "exec sleep 1000", true).await;
+    let mut req = exec_req(&running, &["true"]);
+    req.tty = true;
+    let e = env.exec_url(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut req = exec_req(&running, &["true"]);
+    req.stdout = false;
+    req.stderr = false;
+    let e = env.exec_url(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = env.exec_url(exec_req(&running, &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn tokens_are_single_use_and_expire() {
+    let mut env = start_with("[streaming]\ntoken_ttl_secs = 1\n").await;
+    let id = env.container("tok", "exec sleep 1000", true).await;
+    let protocol = PROTOCOLS[0];
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    let o = collect(&mut ws, protocol, |_| vec![]).await;
+    assert_eq!(o.status()["status"], "Success");
+    // Used.
+    assert_eq!(
+        ws_connect(&env.ns, &url, protocol).await.unwrap_err(),
+        "HTTP 404"
+    );
+    // Unknown.
+    let (hostport, _) = split_url(&url);
+    let bogus = format!("http://{hostport}/exec/0123456789abcdef");
+    assert_eq!(
+        ws_connect(&env.ns, &bogus, protocol).await.unwrap_err(),
+        "HTTP 404"
+    );
+    // Expired: never used within its second.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        ws_connect(&env.ns, &url, protocol).await.unwrap_err(),
+        "HTTP 404"
+    );
+    env.finish().await;
+}
+
+/// Live processes whose command line is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[tokio::test]
+async fn client_disconnect_kills_only_its_exec() {
+    let mut env = start_with("").await;
+    let id = env.container("disc", "exec sleep 1001", true).await;
+    let argv = ["sleep", "7345"];
+    let url = env.exec_url(exec_req(&id, &argv)).await.unwrap();
+    let ws = ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processes(&argv).is_empty() {
+        assert!(Instant::now() < deadline, "the exec'd sleep never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(ws);
+    while !processes(&argv).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the exec'd sleep outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The container itself is untouched.
+    assert_eq!(processes(&["sleep", "1001"]).len(), 1);
+    let st = env
+        .rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    env.finish().await;
+}
