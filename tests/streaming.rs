@@ -502,3 +502,257 @@ async fn client_disconnect_kills_only_its_exec() {
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     env.finish().await;
 }
+
+// ---- SPDY/3.1: a minimal client on berth's own framing module ----
+
+#[allow(dead_code)]
+#[path = "../src/streaming/spdy.rs"]
+mod spdy;
+
+use bytes::BytesMut;
+use spdy::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ERROR_ID: u32 = 1;
+const STDIN_ID: u32 = 3;
+const STDOUT_ID: u32 = 5;
+const STDERR_ID: u32 = 7;
+const RESIZE_ID: u32 = 9;
+
+struct SpdyClient {
+    tcp: tokio::net::TcpStream,
+    enc: spdy::Encoder,
+    dec: spdy::Decoder,
+    buf: BytesMut,
+}
+
+impl SpdyClient {
+    /// Upgrades; the negotiated protocol, or "HTTP <code>".
+    async fn connect(
+        ns: &Netns,
+        url: &str,
+        versions: &[&str],
+    ) -> Result<(SpdyClient, String), String> {
+        let (hostport, path) = split_url(url);
+        let mut tcp = connect(ns, &hostport);
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+        );
+        for v in versions {
+            req.push_str(&format!("X-Stream-Protocol-Version: {v}\r\n"));
+        }
+        req.push_str("Content-Length: 0\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if tcp.read(&mut b).await.unwrap() == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let code = head.split(' ').nth(1).unwrap_or("").to_string();
+        if code != "101" {
+            return Err(format!("HTTP {code}"));
+        }
+        let proto = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("x-stream-protocol-version")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        Ok((
+            SpdyClient {
+                tcp,
+                enc: spdy::Encoder::default(),
+                dec: spdy::Decoder::default(),
+                buf: BytesMut::new(),
+            },
+            proto,
+        ))
+    }
+
+    async fn send(&mut self, f: Frame) {
+        let mut out = Vec::new();
+        self.enc.encode(&f, &mut out).unwrap();
+        self.tcp.write_all(&out).await.unwrap();
+    }
+
+    async fn open(&mut self, id: u32, kind: &str) {
+        self.send(Frame::SynStream {
+            stream: id,
+            associated: 0,
+            priority: 0,
+            flags: 0,
+            headers: vec![("streamType".into(), kind.into())],
+        })
+        .await;
+    }
+
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            if self.tcp.read_buf(&mut self.buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection.
+    async fn collect(&mut self, mut on_stdout: impl FnMut(&[u8]) -> Vec<Frame>) -> Outcome {
+        let mut o = Outcome::default();
+        let mut replies = 0;
+        while let Some(f) = self.next().await {
+            match f {
+                Frame::Data { stream, data, .. } => match stream {
+                    ERROR_ID => o.error.extend_from_slice(&data),
+                    STDERR_ID => o.stderr.extend_from_slice(&data),
+                    STDOUT_ID => {
+                        o.stdout.extend_from_slice(&data);
+                        for f in on_stdout(&o.stdout) {
+                            self.send(f).await;
+                        }
+                    }
+                    s => panic!("data on stream {s}"),
+                },
+                Frame::SynReply { .. } => replies += 1,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert!(replies >= 2, "every stream gets a SYN_REPLY");
+        o
+    }
+}
+
+fn stdin_frame(data: &[u8], fin: bool) -> Frame {
+    Frame::Data {
+        stream: STDIN_ID,
+        fin,
+        data: data.to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn exec_over_spdy_all_versions() {
+    let mut env = start_with("").await;
+    let id = env.container("spdy", "exec sleep 1000", true).await;
+    for version in [
+        "v4.channel.k8s.io",
+        "v3.channel.k8s.io",
+        "v2.channel.k8s.io",
+        "channel.k8s.io",
+    ] {
+        let url = env
+            .exec_url(exec_req(
+                &id,
+                &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            ))
+            .await
+            .unwrap();
+        let (mut c, proto) = SpdyClient::connect(&env.ns, &url, &[version, "v1.bogus"])
+            .await
+            .unwrap();
+        assert_eq!(proto, version);
+        c.open(ERROR_ID, "error").await;
+        c.open(STDOUT_ID, "stdout").await;
+        c.open(STDERR_ID, "stderr").await;
+        let o = c.collect(|_| vec![]).await;
+        assert_eq!(o.out(), "out\n", "{version}");
+        assert_eq!(o.stderr, b"err\n", "{version}");
+        if version == "v4.channel.k8s.io" {
+            let st = o.status();
+            assert_eq!(st["reason"], "NonZeroExitCode", "{st}");
+            assert_eq!(st["details"]["causes"][0]["message"], "3");
+        } else {
+            let text = String::from_utf8_lossy(&o.error);
+            assert!(text.contains("exit code 3"), "{version}: {text}");
+        }
+    }
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(STDERR_ID, "stderr").await;
+    assert_eq!(c.collect(|_| vec![]).await.status()["status"], "Success");
+    // An unknown protocol version is refused; the token is then used up.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    assert_eq!(
+        SpdyClient::connect(&env.ns, &url, &["v9.channel.k8s.io"])
+            .await
+            .err()
+            .unwrap(),
+        "HTTP 403"
+    );
+    assert_eq!(
+        SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+            .await
+            .err()
+            .unwrap(),
+        "HTTP 404"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_over_spdy_with_stdin_tty_and_resize() {
+    let mut env = start_with("").await;
+    let id = env.container("spdytty", "exec sleep 1000", true).await;
+    // stdin without a tty: closing the stream (FIN) is EOF for cat.
+    let mut req = exec_req(&id, &["cat"]);
+    req.stdin = true;
+    let url = env.exec_url(req).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(STDERR_ID, "stderr").await;
+    c.send(stdin_frame(b"via spdy\n", true)).await;
+    let o = c.collect(|_| vec![]).await;
+    assert_eq!(o.out(), "via spdy\n");
+    assert_eq!(o.status()["status"], "Success");
+
+    let mut req = exec_req(&id, &["sh", "-c", "tty; read line; stty size"]);
+    req.tty = true;
+    req.stdin = true;
+    req.stderr = false;
+    let url = env.exec_url(req).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(RESIZE_ID, "resize").await;
+    let mut sent = false;
+    let o = c
+        .collect(|out| {
+            if !sent && String::from_utf8_lossy(out).contains("/dev/pts/") {
+                sent = true;
+                vec![
+                    Frame::Data {
+                        stream: RESIZE_ID,
+                        fin: false,
+                        data: br#"{"Width":77,"Height":33}"#.to_vec(),
+                    },
+                    stdin_frame(b"x\r", false),
+                ]
+            } else {
+                vec![]
+            }
+        })
+        .await;
+    let out = o.out();
+    assert!(out.contains("/dev/pts/0\r\n"), "{out:?}");
+    assert!(out.contains("33 77\r\n"), "{out:?}");
+    assert_eq!(o.status()["status"], "Success");
+    env.finish().await;
+}

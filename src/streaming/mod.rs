@@ -4,6 +4,8 @@
 //! token that expires if unused.
 
 mod session;
+pub mod spdy;
+mod spdy_exec;
 mod status;
 mod tokens;
 mod websocket;
@@ -168,10 +170,13 @@ impl Streaming {
         let upgrade = header(&req, UPGRADE)
             .unwrap_or_default()
             .to_ascii_lowercase();
+        if upgrade.starts_with("spdy/3.1") {
+            return self.exec_spdy(req, id, cmd, io).await;
+        }
         if upgrade != "websocket" {
             return reply(
                 StatusCode::BAD_REQUEST,
-                "exec: a WebSocket upgrade is required\n",
+                "exec: a WebSocket or SPDY/3.1 upgrade is required\n",
             );
         }
         let offered: Vec<String> = req
@@ -217,6 +222,60 @@ impl Streaming {
         resp
     }
 
+    async fn exec_spdy(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        id: String,
+        cmd: Vec<String>,
+        io: ExecIoRequest,
+    ) -> Response<Full<Bytes>> {
+        let offered: Vec<String> = req
+            .headers()
+            .get_all(STREAM_PROTOCOL_VERSION)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        let Some((proto, version)) = spdy_exec::choose(offered.iter().map(String::as_str)) else {
+            return reply(
+                StatusCode::FORBIDDEN,
+                &format!("exec: none of the offered stream protocols {offered:?} is supported\n"),
+            );
+        };
+        // Refused before the upgrade when it cannot work; the command
+        // itself starts once the client's streams are open.
+        if let Err(e) = self.containers.running(&id) {
+            return reply(http_status(&e), &format!("{e}\n"));
+        }
+        let idle = self.idle;
+        let on_upgrade = hyper::upgrade::on(req);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let up = match on_upgrade.await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::warn!(container = %id, "exec: upgrade failed: {e}");
+                    return;
+                }
+            };
+            let start = {
+                let (id, cmd) = (id.clone(), cmd.clone());
+                async move {
+                    me.start_exec(&id, &cmd, io)
+                        .await
+                        .map_err(|(_, m)| m.trim_end().to_string())
+                }
+            };
+            spdy_exec::serve_exec(TokioIo::new(up), version, io, cmd, idle, start).await;
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(STREAM_PROTOCOL_VERSION, HeaderValue::from_static(proto));
+        resp
+    }
+
     async fn start_exec(
         &self,
         id: &str,
@@ -233,20 +292,23 @@ impl Streaming {
                     format!("exec task: {e}\n"),
                 )
             })?;
-        let started = started.map_err(|e| {
-            let code = match e {
-                crate::container::ContainerError::NotFound(_) => StatusCode::NOT_FOUND,
-                crate::container::ContainerError::FailedPrecondition { .. } => StatusCode::CONFLICT,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            (code, format!("{e}\n"))
-        })?;
+        let started = started.map_err(|e| (http_status(&e), format!("{e}\n")))?;
         session::Session::start(started).map_err(|e| {
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("exec in container {id}: {e}\n"),
             )
         })
+    }
+}
+
+const STREAM_PROTOCOL_VERSION: &str = "x-stream-protocol-version";
+
+fn http_status(e: &crate::container::ContainerError) -> StatusCode {
+    match e {
+        crate::container::ContainerError::NotFound(_) => StatusCode::NOT_FOUND,
+        crate::container::ContainerError::FailedPrecondition { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
