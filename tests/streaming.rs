@@ -756,3 +756,232 @@ async fn exec_over_spdy_with_stdin_tty_and_resize() {
     assert_eq!(o.status()["status"], "Success");
     env.finish().await;
 }
+
+// ---- Attach ----
+
+impl Env {
+    async fn container_with(&mut self, name: &str, mut cfg: cri::ContainerConfig) -> String {
+        let pod = self
+            .rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(self.pod_config(name)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        cfg.metadata = Some(cri::ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        });
+        cfg.image = Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        });
+        cfg.log_path = "c/0.log".into();
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod,
+                config: Some(cfg),
+                sandbox_config: Some(self.pod_config(name)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn attach_url(
+        &mut self,
+        id: &str,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<String, tonic::Status> {
+        self.rt
+            .attach(cri::AttachRequest {
+                container_id: id.into(),
+                stdin,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    }
+
+    async fn state(&mut self, id: &str) -> cri::ContainerStatus {
+        self.rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+}
+
+/// Reads stdout until it contains `want` (the server keeps streaming).
+async fn ws_read_until(ws: &mut Ws, protocol: &str, want: &str) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(want) {
+        let msg = ws.next().await.expect("stream ended").unwrap();
+        if let Some((1, data)) = decode(protocol, msg) {
+            out.extend_from_slice(&data);
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test]
+async fn attach_streams_output_and_survives_a_daemon_restart() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "att",
+            cri::ContainerConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.1; done".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    let protocol = PROTOCOLS[0];
+    let url = env.attach_url(&id, false, false).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    let first = ws_read_until(&mut ws, protocol, "\n").await;
+    assert!(first.starts_with("line"), "{first:?}");
+    drop(ws);
+
+    env.berth.restart();
+    env.rt = env.berth.runtime_client().await;
+    let url = env.attach_url(&id, false, false).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    // Live output: lines printed after the restart arrive.
+    let out = ws_read_until(&mut ws, protocol, "line").await;
+    assert!(out.contains("line"), "{out:?}");
+    drop(ws);
+    // Detaching leaves the container running.
+    assert_eq!(
+        env.state(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    // Unknown container; not running.
+    let e = env.attach_url("nope", false, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn attach_stdin_once_over_spdy() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "attin",
+            cri::ContainerConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read x; echo got:$x; cat; echo done".into(),
+                ],
+                stdin: true,
+                stdin_once: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let url = env.attach_url(&id, true, false).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(STDERR_ID, "stderr").await;
+    c.send(stdin_frame(b"hello\n", false)).await;
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("got:hello\n") {
+        match c.next().await.expect("stream ended") {
+            Frame::Data {
+                stream: STDOUT_ID,
+                data,
+                ..
+            } => out.extend_from_slice(&data),
+            _ => {}
+        }
+    }
+    c.send(stdin_frame(b"more\n", false)).await;
+    while !String::from_utf8_lossy(&out).contains("more\n") {
+        if let Frame::Data {
+            stream: STDOUT_ID,
+            data,
+            ..
+        } = c.next().await.expect("stream ended")
+        {
+            out.extend_from_slice(&data)
+        }
+    }
+    // The first attach session ends: stdin_once closes the container's
+    // stdin, cat sees EOF and the container exits 0.
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = env.state(&id).await;
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "stdin_once did not close stdin");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn attach_to_a_tty_container_with_resize() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "atty",
+            cri::ContainerConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "while read l; do stty size; done".into(),
+                ],
+                stdin: true,
+                tty: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let protocol = "v5.channel.k8s.io";
+    let url = env.attach_url(&id, true, true).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    ws.send(encode(protocol, 4, br#"{"Width":91,"Height":31}"#))
+        .await
+        .unwrap();
+    ws.send(encode(protocol, 0, b"x\r")).await.unwrap();
+    let out = ws_read_until(&mut ws, protocol, "31 91\r\n").await;
+    assert!(out.contains("x\r\n"), "the terminal echoes input: {out:?}");
+    drop(ws);
+    assert_eq!(
+        env.state(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    env.finish().await;
+}

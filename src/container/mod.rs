@@ -182,6 +182,8 @@ pub struct ContainerManager {
     cgroups: Arc<crate::cgroup::Cgroups>,
     dir: PathBuf,
     layers_dir: PathBuf,
+    /// `<state_dir>/monitors`: the monitors' attach sockets.
+    sockets_dir: PathBuf,
     exe: PathBuf,
     monitors: crate::monitor::zygote::Launcher,
     records: Mutex<BTreeMap<String, ContainerRecord>>,
@@ -200,18 +202,23 @@ impl ContainerManager {
     /// (it starts exit watchers for running containers).
     pub fn open(
         root: &Path,
+        state_dir: &Path,
         layers_dir: &Path,
         cgroups: Arc<crate::cgroup::Cgroups>,
     ) -> Result<Arc<ContainerManager>, ContainerError> {
         let dir = root.join("containers");
         std::fs::create_dir_all(&dir)
             .map_err(|e| internal("", "create containers dir")(e.to_string()))?;
+        let sockets_dir = state_dir.join("monitors");
+        std::fs::create_dir_all(&sockets_dir)
+            .map_err(|e| internal("", "create monitors dir")(e.to_string()))?;
         let exe = std::env::current_exe()
             .map_err(|e| internal("", "find berth's binary")(e.to_string()))?;
         let m = Arc::new(ContainerManager {
             cgroups,
             dir,
             layers_dir: layers_dir.to_path_buf(),
+            sockets_dir,
             monitors: crate::monitor::zygote::Launcher::new(exe.clone()),
             exe,
             records: Mutex::new(BTreeMap::new()),
@@ -313,6 +320,7 @@ impl ContainerManager {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove cgroup");
             }
         }
+        let _ = std::fs::remove_file(self.attach_socket(&rec.id));
         if let Err(e) = std::fs::remove_dir_all(self.cdir(&rec.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove container directory");
@@ -634,6 +642,7 @@ impl ContainerManager {
             cgroup: rec.cgroup.clone(),
             stdin: rec.spec.stdin,
             stdin_once: rec.spec.stdin_once,
+            attach_socket: Some(self.attach_socket(&id)),
         };
         write_json(&dir.join("monitor.json"), &mcfg)
             .map_err(|e| io("write monitor.json")(e.to_string()))?;
@@ -1020,6 +1029,11 @@ impl ContainerManager {
             .map_err(fail("exec"))?;
         started.process = Some((process, kill));
         Ok(started)
+    }
+
+    /// Where the monitor of container `id` serves attach.
+    pub fn attach_socket(&self, id: &str) -> PathBuf {
+        self.sockets_dir.join(format!("{id}.sock"))
     }
 
     pub fn dir_of(&self, id: &str) -> PathBuf {

@@ -113,7 +113,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     ));
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone())?;
-    let containers = ContainerManager::open(&config.root, images.image_fs_dir(), cgroups)?;
+    let containers = ContainerManager::open(
+        &config.root,
+        &config.state_dir,
+        images.image_fs_dir(),
+        cgroups,
+    )?;
     let streaming =
         crate::streaming::Streaming::start(&config.streaming, containers.clone()).await?;
     let daemon = Arc::new(Daemon {

@@ -480,6 +480,47 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn attach(
+        &self,
+        req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        let req = req.into_inner();
+        rpc("Attach", &req.container_id.clone(), async {
+            let bad = |why: &str| {
+                Status::invalid_argument(format!(
+                    "Attach to container {:?}: {why}",
+                    req.container_id
+                ))
+            };
+            if !req.stdout && !req.stderr {
+                return Err(bad("one of stdout and stderr is required"));
+            }
+            if req.tty && req.stderr {
+                return Err(bad("tty and stderr cannot both be true"));
+            }
+            let (rec, _) = self
+                .0
+                .containers
+                .running(&req.container_id)
+                .map_err(container::status_of)?;
+            let url = self
+                .0
+                .streaming
+                .url(crate::streaming::Pending::Attach {
+                    container_id: rec.id,
+                    io: crate::container::ExecIoRequest {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        tty: req.tty,
+                    },
+                })
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            Ok(cri::AttachResponse { url })
+        })
+        .await
+    }
+
     async fn update_container_resources(
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
@@ -524,7 +565,6 @@ impl RuntimeService for RuntimeApi {
     }
 
     not_yet! {
-        attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
         container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
         list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";

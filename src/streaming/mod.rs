@@ -53,6 +53,27 @@ pub enum Pending {
         cmd: Vec<String>,
         io: ExecIoRequest,
     },
+    Attach {
+        container_id: String,
+        io: ExecIoRequest,
+    },
+}
+
+/// What a session runs.
+#[derive(Debug, Clone)]
+enum Target {
+    Exec(Vec<String>),
+    Attach,
+}
+
+impl Target {
+    /// The command named in exit statuses.
+    fn cmd(&self) -> Vec<String> {
+        match self {
+            Target::Exec(c) => c.clone(),
+            Target::Attach => Vec::new(),
+        }
+    }
 }
 
 pub struct Streaming {
@@ -88,6 +109,7 @@ impl Streaming {
     pub fn url(&self, pending: Pending) -> Result<String, StreamingError> {
         let kind = match &pending {
             Pending::Exec { .. } => "exec",
+            Pending::Attach { .. } => "attach",
         };
         let token = self
             .tokens
@@ -152,7 +174,10 @@ impl Streaming {
                     cmd,
                     io,
                 },
-            ) => Ok(self.exec(req, container_id, cmd, io).await),
+            ) => Ok(self.exec(req, container_id, Target::Exec(cmd), io).await),
+            ("attach", Pending::Attach { container_id, io }) => {
+                Ok(self.exec(req, container_id, Target::Attach, io).await)
+            }
             _ => Ok(reply(
                 StatusCode::NOT_FOUND,
                 "unknown, used or expired token\n",
@@ -164,14 +189,14 @@ impl Streaming {
         self: Arc<Self>,
         req: Request<Incoming>,
         id: String,
-        cmd: Vec<String>,
+        target: Target,
         io: ExecIoRequest,
     ) -> Response<Full<Bytes>> {
         let upgrade = header(&req, UPGRADE)
             .unwrap_or_default()
             .to_ascii_lowercase();
         if upgrade.starts_with("spdy/3.1") {
-            return self.exec_spdy(req, id, cmd, io).await;
+            return self.exec_spdy(req, id, target, io).await;
         }
         if upgrade != "websocket" {
             return reply(
@@ -197,7 +222,7 @@ impl Streaming {
                 "exec: Sec-WebSocket-Key is missing\n",
             );
         };
-        let session = match self.start_exec(&id, &cmd, io).await {
+        let session = match self.start_session(&id, &target, io).await {
             Ok(s) => s,
             Err((code, msg)) => return reply(code, &msg),
         };
@@ -206,7 +231,10 @@ impl Streaming {
         let on_upgrade = hyper::upgrade::on(req);
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(up) => websocket::serve_exec(TokioIo::new(up), proto, session, &cmd, idle).await,
+                Ok(up) => {
+                    websocket::serve_exec(TokioIo::new(up), proto, session, &target.cmd(), idle)
+                        .await
+                }
                 Err(e) => tracing::warn!(container = %id, "exec: upgrade failed: {e}"),
             }
         });
@@ -226,7 +254,7 @@ impl Streaming {
         self: Arc<Self>,
         req: Request<Incoming>,
         id: String,
-        cmd: Vec<String>,
+        target: Target,
         io: ExecIoRequest,
     ) -> Response<Full<Bytes>> {
         let offered: Vec<String> = req
@@ -258,14 +286,14 @@ impl Streaming {
                 }
             };
             let start = {
-                let (id, cmd) = (id.clone(), cmd.clone());
+                let (id, target) = (id.clone(), target.clone());
                 async move {
-                    me.start_exec(&id, &cmd, io)
+                    me.start_session(&id, &target, io)
                         .await
                         .map_err(|(_, m)| m.trim_end().to_string())
                 }
             };
-            spdy_exec::serve_exec(TokioIo::new(up), version, io, cmd, idle, start).await;
+            spdy_exec::serve_exec(TokioIo::new(up), version, io, target.cmd(), idle, start).await;
         });
         let mut resp = Response::new(Full::new(Bytes::new()));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -276,12 +304,31 @@ impl Streaming {
         resp
     }
 
-    async fn start_exec(
+    async fn start_session(
         &self,
         id: &str,
-        cmd: &[String],
+        target: &Target,
         io: ExecIoRequest,
     ) -> Result<session::Session, (StatusCode, String)> {
+        let cmd = match target {
+            Target::Exec(cmd) => cmd,
+            Target::Attach => {
+                self.containers
+                    .running(id)
+                    .map_err(|e| (http_status(&e), format!("{e}\n")))?;
+                let path = self.containers.attach_socket(id);
+                let sock = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "attach to container {id}: connect {}: {e}\n",
+                            path.display()
+                        ),
+                    )
+                })?;
+                return Ok(session::Session::attach(sock));
+            }
+        };
         let containers = self.containers.clone();
         let (id2, cmd2) = (id.to_string(), cmd.to_vec());
         let started = tokio::task::spawn_blocking(move || containers.exec_start(&id2, &cmd2, io))

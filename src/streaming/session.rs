@@ -131,6 +131,73 @@ impl Session {
         })
     }
 
+    /// A session attached to a container's own stdio through its monitor's
+    /// socket. It ends when the monitor closes the socket (the container's
+    /// output ended); dropping it only detaches.
+    pub fn attach(sock: tokio::net::UnixStream) -> Session {
+        use crate::monitor::attach as wire;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (mut rd, mut wr) = sock.into_split();
+        tokio::spawn(async move {
+            let read = async {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 32 * 1024];
+                loop {
+                    let n = rd.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return true;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(frames) = wire::take_frames(&mut buf) else {
+                        return true;
+                    };
+                    for (kind, data) in frames {
+                        let out = match kind {
+                            wire::STDERR => Output::Stderr(Bytes::from(data)),
+                            _ => Output::Stdout(Bytes::from(data)),
+                        };
+                        if out_tx.send(out).await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                ended = read => {
+                    if ended {
+                        let exit = ExecExit { exit_code: 0, message: None };
+                        let _ = out_tx.send(Output::Exit(Ok(exit))).await;
+                    }
+                }
+                _ = kill_rx => {}
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(input) = in_rx.recv().await {
+                let f = match input {
+                    Input::Stdin(d) => wire::frame(wire::STDIN, &d),
+                    Input::StdinEof => wire::frame(wire::STDIN_CLOSE, &[]),
+                    Input::Resize { width, height } => {
+                        let [a, b] = width.to_be_bytes();
+                        let [c, d] = height.to_be_bytes();
+                        wire::frame(wire::RESIZE, &[a, b, c, d])
+                    }
+                };
+                if wr.write_all(&f).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Session {
+            outputs: out_rx,
+            inputs: in_tx,
+            _kill: kill_tx,
+        }
+    }
+
     pub fn input(&self, input: Input) {
         // Fails only once the command is gone, when input no longer matters.
         let _ = self.inputs.send(input);
