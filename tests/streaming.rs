@@ -915,13 +915,13 @@ async fn attach_stdin_once_over_spdy() {
     c.send(stdin_frame(b"hello\n", false)).await;
     let mut out = Vec::new();
     while !String::from_utf8_lossy(&out).contains("got:hello\n") {
-        match c.next().await.expect("stream ended") {
-            Frame::Data {
-                stream: STDOUT_ID,
-                data,
-                ..
-            } => out.extend_from_slice(&data),
-            _ => {}
+        if let Frame::Data {
+            stream: STDOUT_ID,
+            data,
+            ..
+        } = c.next().await.expect("stream ended")
+        {
+            out.extend_from_slice(&data)
         }
     }
     c.send(stdin_frame(b"more\n", false)).await;
