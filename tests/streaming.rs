@@ -23,6 +23,8 @@ struct Env {
     ns: Netns,
     rt: RuntimeServiceClient<Channel>,
     logs: PathBuf,
+    /// The pod of the last container made.
+    last_pod: String,
 }
 
 async fn start_with(config_toml: &str) -> Env {
@@ -57,6 +59,7 @@ async fn start_with(config_toml: &str) -> Env {
         ns,
         rt,
         logs,
+        last_pod: String::new(),
     }
 }
 
@@ -780,6 +783,7 @@ impl Env {
             ..Default::default()
         });
         cfg.log_path = "c/0.log".into();
+        self.last_pod = pod.clone();
         let id = self
             .rt
             .create_container(cri::CreateContainerRequest {
@@ -983,5 +987,185 @@ async fn attach_to_a_tty_container_with_resize() {
         env.state(&id).await.state,
         cri::ContainerState::ContainerRunning as i32
     );
+    env.finish().await;
+}
+
+// ---- PortForward ----
+
+impl Env {
+    async fn port_forward(&mut self, pod: &str) -> (SpdyClient, String) {
+        let url = self
+            .rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        SpdyClient::connect(&self.ns, &url, &["portforward.k8s.io"])
+            .await
+            .unwrap()
+    }
+}
+
+impl SpdyClient {
+    async fn open_pair(&mut self, request: u32, port: u16) -> (u32, u32) {
+        let (error, data) = (1 + 4 * request, 3 + 4 * request);
+        for (id, kind) in [(error, "error"), (data, "data")] {
+            self.send(Frame::SynStream {
+                stream: id,
+                associated: 0,
+                priority: 0,
+                flags: 0,
+                headers: vec![
+                    ("streamType".into(), kind.into()),
+                    ("port".into(), port.to_string()),
+                    ("requestID".into(), request.to_string()),
+                ],
+            })
+            .await;
+        }
+        (error, data)
+    }
+
+    /// Reads until every stream in `data_ids` is finished; what came on
+    /// each stream.
+    async fn read_until_fin(
+        &mut self,
+        data_ids: &[u32],
+    ) -> std::collections::HashMap<u32, Vec<u8>> {
+        let mut got: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+        let mut open: Vec<u32> = data_ids.to_vec();
+        while !open.is_empty() {
+            match self.next().await.expect("connection ended") {
+                Frame::Data { stream, fin, data } => {
+                    got.entry(stream).or_default().extend_from_slice(&data);
+                    if fin {
+                        open.retain(|s| *s != stream);
+                    }
+                }
+                Frame::SynReply { .. } => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        got
+    }
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(seed) as u8 ^ (i >> 11) as u8)
+        .collect()
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[tokio::test]
+async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
+    let mut env = start_with("").await;
+    let _ = env
+        .container_with(
+            "pf",
+            cri::ContainerConfig {
+                command: vec![
+                    "nc".into(),
+                    "-ll".into(),
+                    "-p".into(),
+                    "8080".into(),
+                    "-e".into(),
+                    "cat".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    let pod = env.last_pod.clone();
+    // Until the echo server listens, the error stream says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (mut c, proto) = env.port_forward(&pod).await;
+        assert_eq!(proto, "portforward.k8s.io");
+        let (error, data) = c.open_pair(0, 8080).await;
+        c.send(Frame::Data {
+            stream: data,
+            fin: true,
+            data: b"ping".to_vec(),
+        })
+        .await;
+        let got = c.read_until_fin(&[data, error]).await;
+        if got.get(&data).map(Vec::as_slice) == Some(b"ping") {
+            break;
+        }
+        let err = String::from_utf8_lossy(got.get(&error).map(Vec::as_slice).unwrap_or_default())
+            .into_owned();
+        assert!(err.contains("8080"), "{err:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the echo server never listened: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Three connections over one SPDY session, one of them 4 MiB.
+    let (mut c, _) = env.port_forward(&pod).await;
+    let sizes = [4 << 20, 100_000, 3];
+    let mut ids = Vec::new();
+    for (k, &len) in sizes.iter().enumerate() {
+        ids.push(c.open_pair(k as u32, 8080).await);
+        let _ = len;
+    }
+    let mut fins = Vec::new();
+    for (k, &len) in sizes.iter().enumerate() {
+        let (error, data) = ids[k];
+        for chunk in pattern(k as u32, len).chunks(64 * 1024) {
+            c.send(Frame::Data {
+                stream: data,
+                fin: false,
+                data: chunk.to_vec(),
+            })
+            .await;
+        }
+        c.send(Frame::Data {
+            stream: data,
+            fin: true,
+            data: Vec::new(),
+        })
+        .await;
+        fins.push(error);
+        fins.push(data);
+    }
+    let got = c.read_until_fin(&fins).await;
+    for (k, &len) in sizes.iter().enumerate() {
+        let (error, data) = ids[k];
+        assert_eq!(sha(&got[&data]), sha(&pattern(k as u32, len)), "stream {k}");
+        assert!(
+            got.get(&error).is_none_or(|e| e.is_empty()),
+            "stream {k}: {:?}",
+            got.get(&error)
+        );
+    }
+
+    // A port nobody listens on: the error stream says so.
+    let (mut c, _) = env.port_forward(&pod).await;
+    let (error, data) = c.open_pair(0, 8081).await;
+    let got = c.read_until_fin(&[error, data]).await;
+    let err = String::from_utf8_lossy(&got[&error]).into_owned();
+    assert!(err.contains("8081"), "{err:?}");
+
+    // Unknown pod.
+    let e = env
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: "nope".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
     env.finish().await;
 }

@@ -521,6 +521,42 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn port_forward(
+        &self,
+        req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let req = req.into_inner();
+        rpc("PortForward", &req.pod_sandbox_id.clone(), async {
+            if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+                return Err(Status::invalid_argument(format!(
+                    "PortForward to pod {:?}: invalid port {p}",
+                    req.pod_sandbox_id
+                )));
+            }
+            let rec = self
+                .0
+                .pods
+                .get(&req.pod_sandbox_id)
+                .map_err(pod::status_of)?;
+            if rec.state != crate::pod::PodState::Ready {
+                return Err(Status::failed_precondition(format!(
+                    "PortForward to pod {}: the pod sandbox is not ready",
+                    rec.id
+                )));
+            }
+            let url = self
+                .0
+                .streaming
+                .url(crate::streaming::Pending::PortForward {
+                    pod_id: rec.id,
+                    netns: rec.netns,
+                })
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            Ok(cri::PortForwardResponse { url })
+        })
+        .await
+    }
+
     async fn update_container_resources(
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
@@ -565,7 +601,6 @@ impl RuntimeService for RuntimeApi {
     }
 
     not_yet! {
-        port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
         container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
         list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
         pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";

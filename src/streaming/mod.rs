@@ -3,6 +3,7 @@
 //! must upgrade to WebSocket or SPDY/3.1; each URL carries a single-use
 //! token that expires if unused.
 
+mod portforward;
 mod session;
 pub mod spdy;
 mod spdy_exec;
@@ -57,6 +58,11 @@ pub enum Pending {
         container_id: String,
         io: ExecIoRequest,
     },
+    PortForward {
+        pod_id: String,
+        /// The pod's netns pin; `None` for host-network pods.
+        netns: Option<std::path::PathBuf>,
+    },
 }
 
 /// What a session runs.
@@ -110,6 +116,7 @@ impl Streaming {
         let kind = match &pending {
             Pending::Exec { .. } => "exec",
             Pending::Attach { .. } => "attach",
+            Pending::PortForward { .. } => "portforward",
         };
         let token = self
             .tokens
@@ -177,6 +184,9 @@ impl Streaming {
             ) => Ok(self.exec(req, container_id, Target::Exec(cmd), io).await),
             ("attach", Pending::Attach { container_id, io }) => {
                 Ok(self.exec(req, container_id, Target::Attach, io).await)
+            }
+            ("portforward", Pending::PortForward { pod_id, netns }) => {
+                Ok(self.port_forward(req, pod_id, netns))
             }
             _ => Ok(reply(
                 StatusCode::NOT_FOUND,
@@ -247,6 +257,56 @@ impl Streaming {
         if let Ok(v) = HeaderValue::from_str(&accept) {
             h.insert(SEC_WEBSOCKET_ACCEPT, v);
         }
+        resp
+    }
+
+    fn port_forward(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        pod_id: String,
+        netns: Option<std::path::PathBuf>,
+    ) -> Response<Full<Bytes>> {
+        let upgrade = header(&req, UPGRADE)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !upgrade.starts_with("spdy/3.1") {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "port-forward: a SPDY/3.1 upgrade is required\n",
+            );
+        }
+        let offered: Vec<String> = req
+            .headers()
+            .get_all(STREAM_PROTOCOL_VERSION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if !offered.is_empty() && !offered.iter().any(|o| o == portforward::PROTOCOL) {
+            return reply(
+                StatusCode::FORBIDDEN,
+                &format!("port-forward: none of the offered protocols {offered:?} is supported\n"),
+            );
+        }
+        let idle = self.idle;
+        let on_upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(up) => portforward::serve(TokioIo::new(up), netns, idle).await,
+                Err(e) => tracing::warn!(pod = %pod_id, "port-forward: upgrade failed: {e}"),
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(
+            STREAM_PROTOCOL_VERSION,
+            HeaderValue::from_static(portforward::PROTOCOL),
+        );
         resp
     }
 

@@ -247,7 +247,7 @@ async fn handle_control(frame: &Frame, tx: &mpsc::Sender<Frame>, s: &mut Streams
 }
 
 /// The next frame, `None` at EOF or on a protocol error.
-async fn next_frame<R: AsyncRead + Unpin>(
+pub(super) async fn next_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     dec: &mut Decoder,
     buf: &mut BytesMut,
@@ -269,7 +269,7 @@ async fn next_frame<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) {
+pub(super) async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) {
     let mut enc = Encoder::default();
     let mut out = Vec::new();
     while let Some(f) = rx.recv().await {
