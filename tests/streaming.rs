@@ -1157,6 +1157,55 @@ async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
     let err = String::from_utf8_lossy(&got[&error]).into_owned();
     assert!(err.contains("8081"), "{err:?}");
 
+    // The WebSocket protocol: channel 2i data, 2i+1 errors of the i-th
+    // port of the query; each channel starts with its port (LE u16).
+    let url = env
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![8080, 8081],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let protocol = "v4.channel.k8s.io";
+    let mut ws = ws_connect(&env.ns, &format!("{url}?port=8080&port=8081"), protocol)
+        .await
+        .unwrap();
+    let mut firsts = Vec::new();
+    let mut error_8081 = Vec::new();
+    while firsts.len() < 4 || error_8081.is_empty() {
+        let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
+        if firsts.iter().any(|(c, _)| *c == ch) {
+            assert_eq!(ch, 3, "only 8081's error channel says more");
+            error_8081.extend_from_slice(&data);
+        } else {
+            firsts.push((ch, data));
+        }
+    }
+    firsts.sort();
+    assert_eq!(
+        firsts,
+        vec![
+            (0, 8080u16.to_le_bytes().to_vec()),
+            (1, 8080u16.to_le_bytes().to_vec()),
+            (2, 8081u16.to_le_bytes().to_vec()),
+            (3, 8081u16.to_le_bytes().to_vec()),
+        ]
+    );
+    assert!(String::from_utf8_lossy(&error_8081).contains("8081"));
+    ws.send(encode(protocol, 0, b"over websocket\n"))
+        .await
+        .unwrap();
+    let mut echoed = Vec::new();
+    while echoed != b"over websocket\n" {
+        let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(ch, 0);
+        echoed.extend_from_slice(&data);
+    }
+    drop(ws);
+
     // Unknown pod.
     let e = env
         .rt

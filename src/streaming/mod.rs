@@ -269,10 +269,13 @@ impl Streaming {
         let upgrade = header(&req, UPGRADE)
             .unwrap_or_default()
             .to_ascii_lowercase();
+        if upgrade == "websocket" {
+            return self.port_forward_ws(req, pod_id, netns);
+        }
         if !upgrade.starts_with("spdy/3.1") {
             return reply(
                 StatusCode::BAD_REQUEST,
-                "port-forward: a SPDY/3.1 upgrade is required\n",
+                "port-forward: a SPDY/3.1 or WebSocket upgrade is required\n",
             );
         }
         let offered: Vec<String> = req
@@ -307,6 +310,92 @@ impl Streaming {
             STREAM_PROTOCOL_VERSION,
             HeaderValue::from_static(portforward::PROTOCOL),
         );
+        resp
+    }
+
+    fn port_forward_ws(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        pod_id: String,
+        netns: Option<std::path::PathBuf>,
+    ) -> Response<Full<Bytes>> {
+        let ports: Result<Vec<u16>, _> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix("port="))
+            .map(|p| p.parse::<u16>().map_err(|_| p.to_string()))
+            .collect();
+        let ports = match ports {
+            Ok(p) if !p.is_empty() && p.len() <= 64 && !p.contains(&0) => p,
+            Ok(_) => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "port-forward: 1 to 64 port=N query parameters are required\n",
+                )
+            }
+            Err(p) => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    &format!("port-forward: invalid port {p:?}\n"),
+                )
+            }
+        };
+        let offered: Vec<String> = req
+            .headers()
+            .get_all(SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        // The binary protocol is also what a client offering none gets.
+        let chosen = if offered.is_empty() {
+            Some(None)
+        } else {
+            offered.iter().find_map(|o| match o.as_str() {
+                "v4.channel.k8s.io" => Some(Some(("v4.channel.k8s.io", false))),
+                "v4.base64.channel.k8s.io" => Some(Some(("v4.base64.channel.k8s.io", true))),
+                _ => None,
+            })
+        };
+        let Some(chosen) = chosen else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "port-forward: no supported WebSocket subprotocol offered\n",
+            );
+        };
+        let Some(key) = header(&req, SEC_WEBSOCKET_KEY) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "port-forward: Sec-WebSocket-Key is missing\n",
+            );
+        };
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let idle = self.idle;
+        let base64 = chosen.is_some_and(|c| c.1);
+        let on_upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(up) => {
+                    websocket::serve_portforward(TokioIo::new(up), base64, ports, netns, idle).await
+                }
+                Err(e) => tracing::warn!(pod = %pod_id, "port-forward: upgrade failed: {e}"),
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some((name, _)) = chosen {
+            h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(name));
+        }
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(SEC_WEBSOCKET_ACCEPT, v);
+        }
         resp
     }
 

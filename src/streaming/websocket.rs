@@ -197,6 +197,124 @@ pub async fn serve_exec<S>(
     }
 }
 
+/// The WebSocket port-forward protocol: per requested port `i`, channel
+/// `2i` carries data and `2i+1` errors; the first message on each is the
+/// port, 2 bytes little-endian. One TCP connection per port.
+pub async fn serve_portforward<S>(
+    io: S,
+    base64: bool,
+    ports: Vec<u16>,
+    netns: Option<std::path::PathBuf>,
+    idle: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proto = Protocol {
+        name: "",
+        version: 4,
+        base64,
+    };
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let (from_pods_tx, mut from_pods) = tokio::sync::mpsc::channel::<(usize, Option<Vec<u8>>)>(16);
+    let mut writers = Vec::new();
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, &port) in ports.iter().enumerate() {
+        let ch = (2 * i) as u8;
+        let netns = netns.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            crate::linux::netns::tcp_connect_in(netns.as_deref(), port)
+        })
+        .await;
+        let tcp = match connected {
+            Ok(Ok(s)) => s
+                .set_nonblocking(true)
+                .and_then(|_| tokio::net::TcpStream::from_std(s))
+                .map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        for c in [ch, ch + 1] {
+            if ws.send(frame(proto, c, &port.to_le_bytes())).await.is_err() {
+                return;
+            }
+        }
+        match tcp {
+            Ok(t) => {
+                let (mut r, w) = t.into_split();
+                writers.push(Some(w));
+                let tx = from_pods_tx.clone();
+                readers.spawn(async move {
+                    let mut buf = vec![0u8; 32 * 1024];
+                    loop {
+                        match r.read(&mut buf).await {
+                            Ok(n) if n > 0 => {
+                                if tx.send((i, Some(buf[..n].to_vec()))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            _ => {
+                                let _ = tx.send((i, None)).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                writers.push(None);
+                let msg = format!("error forwarding port {port} to pod: {e}");
+                if ws.send(frame(proto, ch + 1, msg.as_bytes())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    drop(from_pods_tx);
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    loop {
+        tokio::select! {
+            got = from_pods.recv() => {
+                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                match got {
+                    Some((i, Some(data))) => {
+                        if ws.send(frame(proto, (2 * i) as u8, &data)).await.is_err() {
+                            break;
+                        }
+                    }
+                    // One port's connection closed; the others go on.
+                    Some((_, None)) => {}
+                    None => {}
+                }
+            }
+            msg = ws.next() => {
+                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                let Some(Ok(msg)) = msg else { break };
+                if msg.is_close() {
+                    break;
+                }
+                if let Some((ch, data)) = parse(proto, msg) {
+                    let i = usize::from(ch / 2);
+                    if ch % 2 == 0 && !data.is_empty() {
+                        if let Some(Some(w)) = writers.get_mut(i) {
+                            if w.write_all(&data).await.is_err() {
+                                writers[i] = None;
+                            }
+                        }
+                    }
+                }
+            }
+            _ = &mut idle_timer => {
+                tracing::info!("port-forward: closing an idle WebSocket after {idle:?}");
+                break;
+            }
+        }
+    }
+    readers.abort_all();
+    let _ = ws.close(None).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
