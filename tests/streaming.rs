@@ -473,19 +473,52 @@ fn processes(argv: &[&str]) -> Vec<i32> {
 async fn client_disconnect_kills_only_its_exec() {
     let mut env = start_with("").await;
     let id = env.container("disc", "exec sleep 1001", true).await;
-    let argv = ["sleep", "7345"];
-    let url = env.exec_url(exec_req(&id, &argv)).await.unwrap();
-    let ws = ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while processes(&argv).is_empty() {
-        assert!(Instant::now() < deadline, "the exec'd sleep never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let berth_pid = env.berth.pid().unwrap();
+    let berth_fds = move || {
+        std::fs::read_dir(format!("/proc/{berth_pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // One complete exec first, so what the daemon keeps for good exists.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap();
+    collect(&mut ws, PROTOCOLS[2], |_| vec![]).await;
     drop(ws);
-    while !processes(&argv).is_empty() {
+    let baseline = berth_fds();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (argv, spdy) in [(["sleep", "7345"], false), (["sleep", "7346"], true)] {
+        let url = env.exec_url(exec_req(&id, &argv)).await.unwrap();
+        let client: Box<dyn std::any::Any> = if spdy {
+            let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+                .await
+                .unwrap();
+            c.open(ERROR_ID, "error").await;
+            c.open(STDOUT_ID, "stdout").await;
+            c.open(STDERR_ID, "stderr").await;
+            Box::new(c)
+        } else {
+            Box::new(ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap())
+        };
+        while processes(&argv).is_empty() {
+            assert!(Instant::now() < deadline, "the exec'd sleep never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(client);
+        while !processes(&argv).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the exec'd {argv:?} outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Every fd of those sessions (sockets, pipes, pidfds) is closed.
+    while berth_fds() > baseline {
         assert!(
             Instant::now() < deadline,
-            "the exec'd sleep outlived its client"
+            "berth holds {} fds, {baseline} before the sessions",
+            berth_fds()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
