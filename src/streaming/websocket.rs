@@ -271,21 +271,20 @@ pub async fn serve_portforward<S>(
         }
     }
     drop(from_pods_tx);
+    let mut pods_open = true;
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     loop {
         tokio::select! {
-            got = from_pods.recv() => {
+            got = from_pods.recv(), if pods_open => {
                 idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
-                match got {
-                    Some((i, Some(data))) => {
-                        if ws.send(frame(proto, (2 * i) as u8, &data)).await.is_err() {
-                            break;
-                        }
+                pods_open = got.is_some();
+                // A port whose connection closed sends nothing more; the
+                // others go on.
+                if let Some((i, Some(data))) = got {
+                    if ws.send(frame(proto, (2 * i) as u8, &data)).await.is_err() {
+                        break;
                     }
-                    // One port's connection closed; the others go on.
-                    Some((_, None)) => {}
-                    None => {}
                 }
             }
             msg = ws.next() => {
