@@ -251,9 +251,11 @@ mode = "auto"
 allow_missing_controllers = false
 
 [streaming]
-# The HTTP server whose URLs Exec, Attach and PortForward return (SPDY/3.1
-# and WebSocket upgrades). Port 0 picks a free port at every start.
+# Address of the HTTP server whose URLs Exec, Attach and PortForward
+# return (SPDY/3.1 and WebSocket upgrades).
 address = "{s_addr}"
+
+# Its port; 0 picks a free port at every start.
 port = {s_port}
 
 # Seconds a returned URL stays usable; each URL works once.

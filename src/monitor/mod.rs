@@ -229,6 +229,14 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         }
         None => (out_r, Some(err_r)),
     };
+    // Listening before the daemon hears back, so an Attach right after
+    // StartContainer finds the socket.
+    let mut attach = attach::Attach::new(
+        cfg.attach_socket.as_deref(),
+        stdin_w,
+        terminal,
+        cfg.stdin_once,
+    );
     let start_time = crate::linux::process::start_time(pid).unwrap_or(0);
     reply(&Created {
         pid,
@@ -258,12 +266,6 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
     )
     .ok();
-    let mut attach = attach::Attach::new(
-        cfg.attach_socket.as_deref(),
-        stdin_w,
-        terminal,
-        cfg.stdin_once,
-    );
     copy_output(out_r, err_r, exited, reopen, log, &mut attach);
     drop(attach);
     let (exit_code, signal) = wait_exit(pid);
