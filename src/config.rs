@@ -40,6 +40,7 @@ pub struct Config {
     pub stats: StatsConfig,
     pub container: ContainerConfig,
     pub network: crate::network::NetworkConfig,
+    pub streaming: StreamingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +74,33 @@ impl Default for ContainerConfig {
         ContainerConfig {
             nofile_soft: 1024,
             nofile_hard: 524288,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// Address the Exec/Attach/PortForward HTTP server listens on.
+    pub address: std::net::IpAddr,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Seconds a URL returned by Exec/Attach/PortForward stays usable.
+    pub token_ttl_secs: u64,
+    /// Seconds a streaming connection may stay without traffic.
+    pub idle_timeout_secs: u64,
+    /// Connections (including ones still upgrading) served at once.
+    pub max_connections: usize,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port: 0,
+            token_ttl_secs: 60,
+            idle_timeout_secs: 4 * 3600,
+            max_connections: 256,
         }
     }
 }
@@ -112,6 +140,7 @@ impl Default for Config {
             stats: StatsConfig::default(),
             container: ContainerConfig::default(),
             network: crate::network::NetworkConfig::default(),
+            streaming: StreamingConfig::default(),
         }
     }
 }
@@ -209,7 +238,21 @@ impl Config {
         }
         self.network
             .validate()
-            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
+
+        if self.streaming.token_ttl_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "streaming.token_ttl_secs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.streaming.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "streaming.max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -309,6 +352,23 @@ cni_bin_dirs = [{cni_bins}]
 # cni: seconds one plugin invocation (ADD/DEL/CHECK) may run before it is
 # killed and the operation fails.
 cni_plugin_timeout_secs = {cni_timeout}
+
+[streaming]
+# Address of the HTTP server whose URLs Exec, Attach and PortForward
+# return (SPDY/3.1 and WebSocket upgrades).
+address = "{s_addr}"
+
+# Its port; 0 picks a free port at every start.
+port = {s_port}
+
+# Seconds a returned URL stays usable; each URL works once.
+token_ttl_secs = {s_ttl}
+
+# Seconds a streaming session may go without traffic before it is closed.
+idle_timeout_secs = {s_idle}
+
+# Connections served at once (the rest are refused), upgrading ones included.
+max_connections = {s_max}
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -334,6 +394,11 @@ cni_plugin_timeout_secs = {cni_timeout}
             .collect::<Vec<_>>()
             .join(", "),
         cni_timeout = d.network.cni_plugin_timeout_secs,
+        s_addr = d.streaming.address,
+        s_port = d.streaming.port,
+        s_ttl = d.streaming.token_ttl_secs,
+        s_idle = d.streaming.idle_timeout_secs,
+        s_max = d.streaming.max_connections,
     )
 }
 

@@ -12,6 +12,7 @@ mod network;
 mod pod;
 mod server;
 mod store;
+mod streaming;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

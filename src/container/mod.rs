@@ -193,6 +193,8 @@ pub struct ContainerManager {
     cgroups: Arc<crate::cgroup::Cgroups>,
     dir: PathBuf,
     layers_dir: PathBuf,
+    /// `<state_dir>/monitors`: the monitors' attach sockets.
+    sockets_dir: PathBuf,
     exe: PathBuf,
     monitors: crate::monitor::zygote::Launcher,
     records: Mutex<BTreeMap<String, ContainerRecord>>,
@@ -215,6 +217,7 @@ impl ContainerManager {
     /// (it starts exit watchers for running containers).
     pub fn open(
         root: &Path,
+        state_dir: &Path,
         layers_dir: &Path,
         cgroups: Arc<crate::cgroup::Cgroups>,
         nofile: (u64, u64),
@@ -222,12 +225,16 @@ impl ContainerManager {
         let dir = root.join("containers");
         std::fs::create_dir_all(&dir)
             .map_err(|e| internal("", "create containers dir")(e.to_string()))?;
+        let sockets_dir = state_dir.join("monitors");
+        std::fs::create_dir_all(&sockets_dir)
+            .map_err(|e| internal("", "create monitors dir")(e.to_string()))?;
         let exe = std::env::current_exe()
             .map_err(|e| internal("", "find berth's binary")(e.to_string()))?;
         let m = Arc::new(ContainerManager {
             cgroups,
             dir,
             layers_dir: layers_dir.to_path_buf(),
+            sockets_dir,
             monitors: crate::monitor::zygote::Launcher::new(exe.clone()),
             exe,
             records: Mutex::new(BTreeMap::new()),
@@ -363,6 +370,7 @@ impl ContainerManager {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove cgroup");
             }
         }
+        let _ = std::fs::remove_file(self.attach_socket(&rec.id));
         if let Err(e) = std::fs::remove_dir_all(self.cdir(&rec.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove container directory");
@@ -734,6 +742,7 @@ impl ContainerManager {
             cgroup: rec.cgroup.clone(),
             stdin: rec.spec.stdin,
             stdin_once: rec.spec.stdin_once,
+            attach_socket: Some(self.attach_socket(&id)),
         };
         write_json(&dir.join("monitor.json"), &mcfg)
             .map_err(|e| io("write monitor.json")(e.to_string()))?;
@@ -1034,29 +1043,12 @@ impl ContainerManager {
         cmd: &[String],
         timeout: Option<Duration>,
     ) -> Result<crate::linux::exec::ExecOutput, ContainerError> {
-        let rec = self.get(id)?;
         if cmd.is_empty() {
             return Err(ContainerError::Invalid("ExecSync: cmd is empty".into()));
         }
-        let init = match (rec.state, rec.init) {
-            (ContainerState::Running, Some(i)) if process::is_alive(i.into()) => i,
-            _ => {
-                return Err(ContainerError::FailedPrecondition {
-                    id: rec.id,
-                    reason: "the container is not running".into(),
-                })
-            }
-        };
+        let (rec, init) = self.running(id)?;
         let identity = self.identity_of(&rec)?;
-        let spec = crate::linux::exec::ExecSpec {
-            target_pid: init.pid,
-            argv: cmd,
-            env: &rec.env,
-            cwd: &rec.cwd,
-            identity: &identity,
-            timeout,
-            max_output: 16 << 20,
-        };
+        let spec = exec_spec(&rec, init.pid, cmd, timeout, &identity);
         crate::linux::exec::exec_sync(&spec).map_err(|e| ContainerError::Internal {
             id: rec.id.clone(),
             what: "exec",
@@ -1083,6 +1075,93 @@ impl ContainerManager {
         .map_err(internal(&rec.id, "load the container's identity"))
     }
 
+    /// The record and init of a running container; FailedPrecondition
+    /// otherwise.
+    pub fn running(&self, id: &str) -> Result<(ContainerRecord, Proc), ContainerError> {
+        let rec = self.get(id)?;
+        match (rec.state, rec.init) {
+            (ContainerState::Running, Some(i)) if process::is_alive(i.into()) => Ok((rec, i)),
+            _ => Err(ContainerError::FailedPrecondition {
+                id: rec.id,
+                reason: "the container is not running".into(),
+            }),
+        }
+    }
+
+    /// Starts `cmd` in the running container like [`Self::exec_sync`] does,
+    /// with pipes or a pty for the caller to stream.
+    pub fn exec_start(
+        &self,
+        id: &str,
+        cmd: &[String],
+        io: ExecIoRequest,
+    ) -> Result<ExecStarted, ContainerError> {
+        if cmd.is_empty() {
+            return Err(ContainerError::Invalid("Exec: cmd is empty".into()));
+        }
+        let (rec, init) = self.running(id)?;
+        let fail = |what: &'static str| {
+            let id = rec.id.clone();
+            move |e: String| ContainerError::Internal {
+                id,
+                what,
+                detail: e,
+            }
+        };
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| format!("create pipe: {e}"))
+                .map_err(fail("exec"))
+        };
+        let mut stdio = crate::linux::exec::ExecStdio::default();
+        let mut started = ExecStarted::default();
+        if io.tty {
+            let (master, slave) = crate::linux::pty::open_in(init.pid, rec.uid, rec.gid)
+                .map_err(|e| e.to_string())
+                .map_err(fail("exec"))?;
+            let dup = |f: &std::os::fd::OwnedFd| {
+                f.try_clone()
+                    .map_err(|e| format!("dup pty: {e}"))
+                    .map_err(fail("exec"))
+            };
+            if io.stdin {
+                stdio.stdin = Some(dup(&slave)?);
+            }
+            stdio.stderr = Some(dup(&slave)?);
+            stdio.stdout = Some(slave);
+            stdio.tty = true;
+            started.pty = Some(master);
+        } else {
+            if io.stdin {
+                let (r, w) = pipe()?;
+                stdio.stdin = Some(r);
+                started.stdin = Some(w);
+            }
+            if io.stdout {
+                let (r, w) = pipe()?;
+                stdio.stdout = Some(w);
+                started.stdout = Some(r);
+            }
+            if io.stderr {
+                let (r, w) = pipe()?;
+                stdio.stderr = Some(w);
+                started.stderr = Some(r);
+            }
+        }
+        let identity = self.identity_of(&rec)?;
+        let spec = exec_spec(&rec, init.pid, cmd, None, &identity);
+        let (process, kill) = crate::linux::exec::spawn(&spec, stdio)
+            .map_err(|e| e.to_string())
+            .map_err(fail("exec"))?;
+        started.process = Some((process, kill));
+        Ok(started)
+    }
+
+    /// Where the monitor of container `id` serves attach.
+    pub fn attach_socket(&self, id: &str) -> PathBuf {
+        self.sockets_dir.join(format!("{id}.sock"))
+    }
+
     pub fn dir_of(&self, id: &str) -> PathBuf {
         self.cdir(id)
     }
@@ -1092,6 +1171,48 @@ impl ContainerManager {
 pub fn recursive_readonly_supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(crate::linux::mountattr::recursive_readonly_supported)
+}
+
+/// Which stdio a streaming exec wants.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecIoRequest {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+/// A started streaming exec: the command and berth's ends of its stdio
+/// (with a tty only `pty`, the master, which carries both directions).
+#[derive(Default)]
+pub struct ExecStarted {
+    pub process: Option<(
+        crate::linux::exec::ExecProcess,
+        crate::linux::exec::KillSwitch,
+    )>,
+    pub stdin: Option<std::os::fd::OwnedFd>,
+    pub stdout: Option<std::os::fd::OwnedFd>,
+    pub stderr: Option<std::os::fd::OwnedFd>,
+    pub pty: Option<std::os::fd::OwnedFd>,
+}
+
+/// How every exec runs: the container's identity, env and cwd.
+fn exec_spec<'a>(
+    rec: &'a ContainerRecord,
+    target_pid: i32,
+    cmd: &'a [String],
+    timeout: Option<Duration>,
+    identity: &'a crate::linux::identity::Identity,
+) -> crate::linux::exec::ExecSpec<'a> {
+    crate::linux::exec::ExecSpec {
+        target_pid,
+        argv: cmd,
+        env: &rec.env,
+        cwd: &rec.cwd,
+        identity,
+        timeout,
+        max_output: 16 << 20,
+    }
 }
 
 fn log_path(pod: &PodInfo, spec: &ContainerSpec) -> Result<Option<PathBuf>, ContainerError> {

@@ -1,5 +1,7 @@
 //! CRI ExecSync: runs a command inside a running container (its namespaces,
 //! its root, its cgroup), captures stdout and stderr, enforces a timeout.
+//! [`spawn`] is the same launch with the caller's stdio (pipes or a pty, for
+//! the streaming Exec), returning the running command.
 //!
 //! Process tree: berth ─clone→ *helper* (stays in berth's PID namespace; joins
 //! the container's cgroup and namespaces, mount last, then chroots to the
@@ -97,9 +99,10 @@ const ST_PDEATHSIG: i32 = 14;
 const ST_CHDIR: i32 = 15;
 const ST_DUP2: i32 = 16;
 const ST_EXEC: i32 = 17;
+const ST_CTTY: i32 = 18;
 /// + identity::Step: the step of becoming the container's identity.
 const ST_IDENTITY: i32 = 100;
-const STAGES: [&str; 18] = [
+const STAGES: [&str; 19] = [
     "exec: prctl(PR_SET_DUMPABLE) in",
     "exec: join the cgroup of",
     "exec: join ipc namespace of",
@@ -118,7 +121,41 @@ const STAGES: [&str; 18] = [
     "exec: chdir in",
     "exec: set up stdio in",
     "exec in",
+    "exec: make the pty the controlling terminal in",
 ];
+
+/// Where a spawned command's stdio goes; `None` is /dev/null.
+#[derive(Debug, Default)]
+pub struct ExecStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// stdin is a pty slave: the command gets a session with it as its
+    /// controlling terminal.
+    pub tty: bool,
+}
+
+/// A command started by [`spawn`]. Dropping it kills and reaps the helper
+/// (and so the command).
+pub struct ExecProcess {
+    helper: Helper,
+    rep: Stream,
+    argv0: String,
+    target: String,
+    cwd: String,
+}
+
+/// Closing (dropping) it tells the helper to SIGKILL the command.
+pub struct KillSwitch(#[allow(dead_code)] OwnedFd);
+
+/// How a spawned command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecExit {
+    /// As [`ExecOutput::exit_code`].
+    pub exit_code: i32,
+    /// What runc would print on stderr when the exec itself failed.
+    pub message: Option<String>,
+}
 
 /// Runs `spec.argv` inside the container of `spec.target_pid` and returns its
 /// output. Blocking. A command that is not found or not executable is an
@@ -126,6 +163,96 @@ const STAGES: [&str; 18] = [
 /// the container or to become the user are errors.
 pub fn exec_sync(spec: &ExecSpec<'_>) -> Result<ExecOutput, LinuxError> {
     let start = Instant::now();
+    let target = format!("container process {}", spec.target_pid);
+    let (out_r, out_w) = pipe(&target)?;
+    let (err_r, err_w) = pipe(&target)?;
+    for fd in [&out_r, &err_r] {
+        rustix::io::ioctl_fionbio(fd, true).map_err(sys("exec: set up pipes for", &target))?;
+    }
+    let stdio = ExecStdio {
+        stdin: None,
+        stdout: Some(out_w),
+        stderr: Some(err_w),
+        tty: false,
+    };
+    let (mut child, ctl_w) = spawn(spec, stdio)?;
+
+    // Read output until the helper (hence the command) exits.
+    let mut out = Stream::new(out_r, spec.max_output);
+    let mut err = Stream::new(err_r, spec.max_output);
+    let mut scratch = vec![0u8; 64 * 1024];
+    let deadline = spec.timeout.and_then(|t| start.checked_add(t));
+    let mut ctl = Some(ctl_w);
+    let mut timed_out = false;
+    let mut force_kill_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if !timed_out && deadline.is_some_and(|d| now >= d) {
+            // Closing the control pipe tells the helper to SIGKILL the command.
+            timed_out = true;
+            ctl = None;
+            force_kill_at = Some(now + HELPER_GRACE);
+        }
+        if force_kill_at.is_some_and(|k| now >= k) {
+            child.helper.kill();
+            force_kill_at = None;
+        }
+        let wake = if timed_out { force_kill_at } else { deadline };
+        let exited = {
+            let mut fds = vec![PollFd::new(&child.helper.pidfd, PollFlags::IN)];
+            for s in [&out, &err, &child.rep] {
+                if let Some(fd) = &s.fd {
+                    fds.push(PollFd::new(fd, PollFlags::IN));
+                }
+            }
+            let ts = wake.map(|w| timespec(w.saturating_duration_since(now)));
+            match rustix::event::poll(&mut fds, ts.as_ref()) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(sys("exec: poll output of", &target)(e)),
+            }
+            !fds[0].revents().is_empty()
+        };
+        for s in [&mut out, &mut err, &mut child.rep] {
+            s.pull(&mut scratch, 16)
+                .map_err(sys("exec: read output of", &target))?;
+        }
+        if exited {
+            break;
+        }
+    }
+    drop(ctl);
+    // What the command wrote before it exited is in the pipes now; take it
+    // without waiting for EOF, which a background process may hold off.
+    let drain_end = Instant::now() + DRAIN;
+    for s in [&mut out, &mut err, &mut child.rep] {
+        while s
+            .pull(&mut scratch, 16)
+            .map_err(sys("exec: read output of", &target))?
+            && Instant::now() < drain_end
+        {}
+    }
+    let exit = child.finish(timed_out)?;
+    let mut stderr = err.buf;
+    if let Some(msg) = exit.message {
+        let room = spec.max_output.saturating_sub(stderr.len());
+        stderr.extend_from_slice(&msg.as_bytes()[..msg.len().min(room)]);
+    }
+    Ok(ExecOutput {
+        stdout: out.buf,
+        stderr,
+        exit_code: exit.exit_code,
+        timed_out,
+    })
+}
+
+/// Starts `spec.argv` inside the container of `spec.target_pid` with `stdio`
+/// (`spec.timeout` and `spec.max_output` do not apply). The command runs
+/// until it exits or the [`KillSwitch`] is dropped.
+pub fn spawn(
+    spec: &ExecSpec<'_>,
+    stdio: ExecStdio,
+) -> Result<(ExecProcess, KillSwitch), LinuxError> {
     let target = format!("container process {}", spec.target_pid);
     let invalid = |what: &str| {
         sys("exec in", &target)(std::io::Error::new(
@@ -167,15 +294,18 @@ pub fn exec_sync(spec: &ExecSpec<'_>) -> Result<ExecOutput, LinuxError> {
         .map_err(sys("open", "/dev/null"))?
         .into();
     let devnull = high(devnull, &target)?;
-    let (out_r, out_w) = pipe(&target)?;
-    let (err_r, err_w) = pipe(&target)?;
+    let stdio_fd = |fd: Option<OwnedFd>| fd.map(|f| high(f, &target)).transpose();
+    let (in_fd, out_w, err_w) = (
+        stdio_fd(stdio.stdin)?,
+        stdio_fd(stdio.stdout)?,
+        stdio_fd(stdio.stderr)?,
+    );
     let (rep_r, rep_w) = pipe(&target)?;
     let (ctl_r, ctl_w) = pipe(&target)?;
-    for fd in [&out_r, &err_r, &rep_r] {
-        rustix::io::ioctl_fionbio(fd, true).map_err(sys("exec: set up pipes for", &target))?;
-    }
+    rustix::io::ioctl_fionbio(&rep_r, true).map_err(sys("exec: set up pipes for", &target))?;
 
     let raw = |fd: &Option<OwnedFd>| fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let or_null = |fd: &Option<OwnedFd>| fd.as_ref().map_or(devnull.as_raw_fd(), |f| f.as_raw_fd());
     let mut stack = vec![0u8; STACK_SIZE];
     let mut grand_stack = vec![0u8; STACK_SIZE];
     let args = ChildArgs {
@@ -189,9 +319,10 @@ pub fn exec_sync(spec: &ExecSpec<'_>) -> Result<ExecOutput, LinuxError> {
         ],
         cgroup_fd: raw(&cgroup),
         root_fd: root.as_raw_fd(),
-        null_fd: devnull.as_raw_fd(),
-        out_fd: out_w.as_raw_fd(),
-        err_fd: err_w.as_raw_fd(),
+        in_fd: or_null(&in_fd),
+        out_fd: or_null(&out_w),
+        err_fd: or_null(&err_w),
+        tty: stdio.tty,
         report_fd: rep_w.as_raw_fd(),
         ctl_fd: ctl_r.as_raw_fd(),
         // One past the end: the top of a downward-growing stack.
@@ -206,125 +337,93 @@ pub fn exec_sync(spec: &ExecSpec<'_>) -> Result<ExecOutput, LinuxError> {
     let pid = clone_helper(&args, &mut stack).map_err(sys("exec: start helper for", &target))?;
     // The helper has its own copies now; the write ends must go so that the
     // pipes reach EOF when the command and the helper are done with them.
-    drop((out_w, err_w, rep_w, ctl_r, devnull, root, cgroup, ns));
-    let mut helper = Helper::new(pid).map_err(sys("exec: pidfd_open for helper of", &target))?;
+    drop((in_fd, out_w, err_w, rep_w, ctl_r, devnull, root, cgroup, ns));
+    let helper = Helper::new(pid).map_err(sys("exec: pidfd_open for helper of", &target))?;
+    Ok((
+        ExecProcess {
+            helper,
+            rep: Stream::new(rep_r, 64 * REC_LEN),
+            argv0: argv0.to_string(),
+            target,
+            cwd: cwd.to_string(),
+        },
+        KillSwitch(ctl_w),
+    ))
+}
 
-    // Read output until the helper (hence the command) exits.
-    let mut out = Stream::new(out_r, spec.max_output);
-    let mut err = Stream::new(err_r, spec.max_output);
-    let mut rep = Stream::new(rep_r, 64 * REC_LEN);
-    let mut scratch = vec![0u8; 64 * 1024];
-    let deadline = spec.timeout.and_then(|t| start.checked_add(t));
-    let mut ctl = Some(ctl_w);
-    let mut timed_out = false;
-    let mut force_kill_at: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        if !timed_out && deadline.is_some_and(|d| now >= d) {
-            // Closing the control pipe tells the helper to SIGKILL the command.
-            timed_out = true;
-            ctl = None;
-            force_kill_at = Some(now + HELPER_GRACE);
-        }
-        if force_kill_at.is_some_and(|k| now >= k) {
-            helper.kill();
-            force_kill_at = None;
-        }
-        let wake = if timed_out { force_kill_at } else { deadline };
-        let exited = {
-            let mut fds = vec![PollFd::new(&helper.pidfd, PollFlags::IN)];
-            for s in [&out, &err, &rep] {
-                if let Some(fd) = &s.fd {
-                    fds.push(PollFd::new(fd, PollFlags::IN));
-                }
-            }
-            let ts = wake.map(|w| timespec(w.saturating_duration_since(now)));
-            match rustix::event::poll(&mut fds, ts.as_ref()) {
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(sys("exec: poll output of", &target)(e)),
-            }
-            !fds[0].revents().is_empty()
-        };
-        for s in [&mut out, &mut err, &mut rep] {
-            s.pull(&mut scratch, 16)
-                .map_err(sys("exec: read output of", &target))?;
-        }
-        if exited {
-            break;
-        }
+impl ExecProcess {
+    /// Readable once the command (and its helper) exited.
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.helper.pidfd.as_fd()
     }
-    drop(ctl);
-    // What the command wrote before it exited is in the pipes now; take it
-    // without waiting for EOF, which a background process may hold off.
-    let drain_end = Instant::now() + DRAIN;
-    for s in [&mut out, &mut err, &mut rep] {
-        while s
+
+    /// Waits for the command (blocking) and says how it ended.
+    pub fn wait(mut self) -> Result<ExecExit, LinuxError> {
+        self.finish(false)
+    }
+
+    fn finish(&mut self, timed_out: bool) -> Result<ExecExit, LinuxError> {
+        let target = self.target.clone();
+        let status = self
+            .helper
+            .wait()
+            .map_err(sys("exec: wait for helper of", &target))?;
+        let mut scratch = [0u8; 64 * REC_LEN];
+        while self
+            .rep
             .pull(&mut scratch, 16)
             .map_err(sys("exec: read output of", &target))?
-            && Instant::now() < drain_end
         {}
+        let exit_code = match status {
+            WaitStatus::Exited(_, c) => c,
+            WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+            other => {
+                return Err(sys("exec: wait for helper of", &target)(
+                    std::io::Error::other(format!("unexpected status {other:?}")),
+                ))
+            }
+        };
+        let mut started = false;
+        let mut failure = None;
+        for rec in self.rep.buf.chunks_exact(REC_LEN) {
+            let field = |i: usize| i32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+            let (kind, a, b) = (field(0), field(4), field(8));
+            match kind {
+                REC_PID => started = true,
+                REC_FAIL => failure = failure.or(Some((a, b))),
+                REC_WARN => tracing::warn!(
+                    target = %target,
+                    "{}: {}",
+                    stage_name(a),
+                    std::io::Error::from_raw_os_error(b)
+                ),
+                _ => {}
+            }
+        }
+        let message = match failure {
+            Some((ST_EXEC, errno)) => Some(exec_message(&self.argv0, errno)),
+            Some((stage, errno)) => {
+                let object = if stage == ST_CHDIR {
+                    format!("{target} to {:?}", self.cwd)
+                } else {
+                    target
+                };
+                return Err(sys(stage_name(stage), object)(
+                    std::io::Error::from_raw_os_error(errno),
+                ));
+            }
+            None if !started && !timed_out => {
+                return Err(sys("exec: start command in", &target)(
+                    std::io::Error::other(format!(
+                        "the helper ended ({status:?}) before starting it"
+                    )),
+                ));
+            }
+            None => None,
+        };
+        Ok(ExecExit { exit_code, message })
     }
-    let status = helper
-        .wait()
-        .map_err(sys("exec: wait for helper of", &target))?;
-    let exit_code = match status {
-        WaitStatus::Exited(_, c) => c,
-        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
-        other => {
-            return Err(sys("exec: wait for helper of", &target)(
-                std::io::Error::other(format!("unexpected status {other:?}")),
-            ))
-        }
-    };
-
-    let mut started = false;
-    let mut failure = None;
-    for rec in rep.buf.chunks_exact(REC_LEN) {
-        let field = |i: usize| i32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
-        let (kind, a, b) = (field(0), field(4), field(8));
-        match kind {
-            REC_PID => started = true,
-            REC_FAIL => failure = failure.or(Some((a, b))),
-            REC_WARN => tracing::warn!(
-                target_pid = spec.target_pid,
-                "{}: {}",
-                stage_name(a),
-                std::io::Error::from_raw_os_error(b)
-            ),
-            _ => {}
-        }
-    }
-    let mut stderr = err.buf;
-    match failure {
-        Some((ST_EXEC, errno)) => {
-            let msg = exec_message(argv0, errno);
-            let room = spec.max_output.saturating_sub(stderr.len());
-            stderr.extend_from_slice(&msg.as_bytes()[..msg.len().min(room)]);
-        }
-        Some((stage, errno)) => {
-            let object = if stage == ST_CHDIR {
-                format!("{target} to {cwd:?}")
-            } else {
-                target
-            };
-            return Err(sys(stage_name(stage), object)(
-                std::io::Error::from_raw_os_error(errno),
-            ));
-        }
-        None if !started && !timed_out => {
-            return Err(sys("exec: start command in", &target)(
-                std::io::Error::other(format!("the helper ended ({status:?}) before starting it")),
-            ));
-        }
-        None => {}
-    }
-    Ok(ExecOutput {
-        stdout: out.buf,
-        stderr,
-        exit_code,
-        timed_out,
-    })
 }
 
 /// Where `argv0` may be, in order: itself if it holds a '/', else each
@@ -583,9 +682,10 @@ struct ChildArgs {
     ns_fds: [c_int; 6],
     cgroup_fd: c_int,
     root_fd: c_int,
-    null_fd: c_int,
+    in_fd: c_int,
     out_fd: c_int,
     err_fd: c_int,
+    tty: bool,
     report_fd: c_int,
     ctl_fd: c_int,
     grand_stack_top: *mut c_void,
@@ -756,7 +856,7 @@ extern "C" fn helper_main(arg: *mut c_void) -> c_int {
             a.ns_fds[5],
             a.cgroup_fd,
             a.root_fd,
-            a.null_fd,
+            a.in_fd,
             a.out_fd,
             a.err_fd,
             a.report_fd,
@@ -875,11 +975,12 @@ extern "C" fn command_main(arg: *mut c_void) -> c_int {
             fail(rep, ST_CHDIR);
         }
         // The sources are >= 3 (see `high`), so no dup2 clobbers another.
-        if libc::dup2(a.null_fd, 0) < 0
-            || libc::dup2(a.out_fd, 1) < 0
-            || libc::dup2(a.err_fd, 2) < 0
+        if libc::dup2(a.in_fd, 0) < 0 || libc::dup2(a.out_fd, 1) < 0 || libc::dup2(a.err_fd, 2) < 0
         {
             fail(rep, ST_DUP2);
+        }
+        if a.tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+            fail(rep, ST_CTTY);
         }
         // Nothing of berth's but stdio may reach the command.
         let mut keep: [c_int; 0] = [];

@@ -1,6 +1,7 @@
 //! The low-level runtime: the only place with `unsafe`. Each unsafe block
 //! says why it is sound. Callers get plain functions over paths and pids.
 
+pub mod asyncfd;
 pub mod exec;
 pub mod fdpass;
 pub mod identity;
@@ -8,6 +9,7 @@ pub mod init;
 pub mod mountattr;
 pub mod netns;
 pub mod process;
+pub mod pty;
 pub mod seccomp;
 pub mod shm;
 pub mod sysctl;

@@ -46,6 +46,40 @@ pub fn create_pinned(pin: &Path) -> Result<(), LinuxError> {
     })
 }
 
+/// A TCP connection to `port` on the loopback of the network namespace
+/// pinned at `pin` (the daemon's own with `None`): IPv4 first, then IPv6.
+/// The socket stays in that namespace whichever thread uses it later.
+pub fn tcp_connect_in(pin: Option<&Path>, port: u16) -> Result<std::net::TcpStream, LinuxError> {
+    let pin = pin.map(Path::to_path_buf);
+    let object = format!(
+        "port {port} in {}",
+        pin.as_deref()
+            .map_or("the host network".into(), |p| p.display().to_string())
+    );
+    // setns(CLONE_NEWNET) changes only the calling thread: a short-lived
+    // thread leaves the daemon's own namespace alone.
+    std::thread::spawn(move || {
+        if let Some(pin) = &pin {
+            let f = std::fs::File::open(pin).map_err(sys("open netns", pin.display()))?;
+            nix::sched::setns(&f, CloneFlags::CLONE_NEWNET)
+                .map_err(sys("join netns", pin.display()))?;
+        }
+        let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+        std::net::TcpStream::connect(v4)
+            .or_else(|e| std::net::TcpStream::connect(v6).map_err(|_| e))
+            .map_err(sys("connect to", &object))
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(LinuxError::Sys {
+            op: "connect",
+            object: "thread".into(),
+            source: std::io::Error::other("connect thread panicked"),
+        })
+    })
+}
+
 /// Unmounts and deletes a pin; absent pins are fine.
 pub fn remove_pin(pin: &Path) -> Result<(), LinuxError> {
     match umount2(pin, MntFlags::MNT_DETACH) {

@@ -6,6 +6,7 @@
 //! Single-threaded on purpose: the init is cloned from it and runs ordinary
 //! Rust code before exec, and a small monitor stays small.
 
+pub mod attach;
 pub mod crilog;
 pub mod zygote;
 
@@ -40,6 +41,9 @@ pub struct MonitorConfig {
     /// Close that stdin after the first attach session ends.
     #[serde(default)]
     pub stdin_once: bool,
+    /// Unix socket serving attach sessions (see [`attach`]).
+    #[serde(default)]
+    pub attach_socket: Option<PathBuf>,
 }
 
 /// The monitor's one-line answer on stdout once the init is ready.
@@ -225,6 +229,14 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         }
         None => (out_r, Some(err_r)),
     };
+    // Listening before the daemon hears back, so an Attach right after
+    // StartContainer finds the socket.
+    let mut attach = attach::Attach::new(
+        cfg.attach_socket.as_deref(),
+        stdin_w,
+        terminal,
+        cfg.stdin_once,
+    );
     let start_time = crate::linux::process::start_time(pid).unwrap_or(0);
     reply(&Created {
         pid,
@@ -254,8 +266,8 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
     )
     .ok();
-    copy_output(out_r, err_r, exited, reopen, log);
-    drop(stdin_w);
+    copy_output(out_r, err_r, exited, reopen, log, &mut attach);
+    drop(attach);
     let (exit_code, signal) = wait_exit(pid);
     // Read before anyone removes the cgroup: an OOM kill of any process in
     // the container counts, as kubelet expects.
@@ -281,6 +293,7 @@ fn copy_output(
     exited: Option<OwnedFd>,
     reopen: Option<nix::sys::signalfd::SignalFd>,
     mut log: Option<CriLog>,
+    attach: &mut attach::Attach,
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     const DRAIN_AFTER_EXIT_MS: u16 = 200;
@@ -308,6 +321,8 @@ fn copy_output(
         if let (false, Some(p)) = (init_gone, exited.as_ref()) {
             fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
         }
+        let attach_idx = fds.len();
+        attach.poll_fds(&mut fds);
         let timeout = if init_gone {
             PollTimeout::from(DRAIN_AFTER_EXIT_MS)
         } else {
@@ -337,6 +352,10 @@ fn copy_output(
                 }
             }
         }
+        let attach_ready: Vec<bool> = fds[attach_idx..]
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
         let ready: Vec<usize> = fds
             .iter()
             .zip(&streams)
@@ -344,6 +363,7 @@ fn copy_output(
             .map(|(_, (i, _))| *i)
             .collect();
         drop(fds);
+        attach.handle(&attach_ready, open[0].as_ref());
         for i in ready {
             let stream = if i == 0 {
                 Stream::Stdout
@@ -360,8 +380,16 @@ fn copy_output(
                 if let Some(l) = log.as_mut() {
                     let _ = l.finish(stream);
                 }
-            } else if let Some(l) = log.as_mut() {
-                let _ = l.write(stream, &buf[..n]);
+            } else {
+                let kind = if i == 0 {
+                    attach::STDOUT
+                } else {
+                    attach::STDERR
+                };
+                attach.broadcast(kind, &buf[..n]);
+                if let Some(l) = log.as_mut() {
+                    let _ = l.write(stream, &buf[..n]);
+                }
             }
         }
     }

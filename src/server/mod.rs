@@ -45,6 +45,8 @@ pub enum ServeError {
     Pod(#[from] crate::pod::PodError),
     #[error(transparent)]
     Container(#[from] crate::container::ContainerError),
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::StreamingError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -66,6 +68,7 @@ pub struct Daemon {
     pub events: events::Events,
     pub container_stats: crate::container::stats::ContainerStats,
     pub pod_stats: crate::pod::stats::PodStats,
+    pub streaming: Arc<crate::streaming::Streaming>,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -119,6 +122,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone(), network)?;
     let containers = ContainerManager::open(
         &config.root,
+        &config.state_dir,
         images.image_fs_dir(),
         cgroups,
         (config.container.nofile_soft, config.container.nofile_hard),
@@ -127,6 +131,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         images.container_fs_dir(),
         Duration::from_secs(config.stats.writable_layer_interval_secs),
     );
+    let streaming =
+        crate::streaming::Streaming::start(&config.streaming, containers.clone()).await?;
     let daemon = Arc::new(Daemon {
         config,
         images,
@@ -135,6 +141,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         events: events::Events::default(),
         container_stats,
         pod_stats: crate::pod::stats::PodStats::new(),
+        streaming,
     });
     events::forward_exits(daemon.clone());
     let socket = daemon.config.socket.clone();

@@ -467,6 +467,126 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
+    async fn exec(
+        &self,
+        req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        let req = req.into_inner();
+        rpc("Exec", &req.container_id.clone(), async {
+            let bad = |why: &str| {
+                Status::invalid_argument(format!("Exec in container {:?}: {why}", req.container_id))
+            };
+            if req.cmd.is_empty() {
+                return Err(bad("cmd is empty"));
+            }
+            if !req.stdout && !req.stderr {
+                return Err(bad("one of stdout and stderr is required"));
+            }
+            // As kubelet: a tty merges stderr into stdout.
+            if req.tty && req.stderr {
+                return Err(bad("tty and stderr cannot both be true"));
+            }
+            let (rec, _) = self
+                .0
+                .containers
+                .running(&req.container_id)
+                .map_err(container::status_of)?;
+            let url = self
+                .0
+                .streaming
+                .url(crate::streaming::Pending::Exec {
+                    container_id: rec.id,
+                    cmd: req.cmd,
+                    io: crate::container::ExecIoRequest {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        tty: req.tty,
+                    },
+                })
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            Ok(cri::ExecResponse { url })
+        })
+        .await
+    }
+
+    async fn attach(
+        &self,
+        req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        let req = req.into_inner();
+        rpc("Attach", &req.container_id.clone(), async {
+            let bad = |why: &str| {
+                Status::invalid_argument(format!(
+                    "Attach to container {:?}: {why}",
+                    req.container_id
+                ))
+            };
+            if !req.stdout && !req.stderr {
+                return Err(bad("one of stdout and stderr is required"));
+            }
+            if req.tty && req.stderr {
+                return Err(bad("tty and stderr cannot both be true"));
+            }
+            let (rec, _) = self
+                .0
+                .containers
+                .running(&req.container_id)
+                .map_err(container::status_of)?;
+            let url = self
+                .0
+                .streaming
+                .url(crate::streaming::Pending::Attach {
+                    container_id: rec.id,
+                    io: crate::container::ExecIoRequest {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        tty: req.tty,
+                    },
+                })
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            Ok(cri::AttachResponse { url })
+        })
+        .await
+    }
+
+    async fn port_forward(
+        &self,
+        req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let req = req.into_inner();
+        rpc("PortForward", &req.pod_sandbox_id.clone(), async {
+            if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+                return Err(Status::invalid_argument(format!(
+                    "PortForward to pod {:?}: invalid port {p}",
+                    req.pod_sandbox_id
+                )));
+            }
+            let rec = self
+                .0
+                .pods
+                .get(&req.pod_sandbox_id)
+                .map_err(pod::status_of)?;
+            if rec.state != crate::pod::PodState::Ready {
+                return Err(Status::failed_precondition(format!(
+                    "PortForward to pod {}: the pod sandbox is not ready",
+                    rec.id
+                )));
+            }
+            let url = self
+                .0
+                .streaming
+                .url(crate::streaming::Pending::PortForward {
+                    pod_id: rec.id,
+                    netns: rec.netns,
+                })
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            Ok(cri::PortForwardResponse { url })
+        })
+        .await
+    }
+
     async fn update_container_resources(
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
@@ -573,9 +693,6 @@ impl RuntimeService for RuntimeApi {
     }
 
     not_yet! {
-        exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
-        attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
-        port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse = "CheckpointContainer";
     }
 

@@ -1,0 +1,1253 @@
+//! Streaming Exec through the real daemon: the Exec RPC returns a URL on
+//! berth's streaming server, which a WebSocket client written here speaks
+//! the Kubernetes remotecommand protocols to.
+
+mod common;
+
+use common::*;
+use cri_proto::v1 as cri;
+use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
+use futures::{SinkExt, StreamExt};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
+
+struct Env {
+    berth: Berth,
+    reg: Registry,
+    ns: Netns,
+    rt: RuntimeServiceClient<Channel>,
+    logs: PathBuf,
+    /// The pod of the last container made.
+    last_pod: String,
+}
+
+async fn start_with(config_toml: &str) -> Env {
+    let ns = Netns::new();
+    let reg = Registry::start(&ns, RegistryOpts::default());
+    reg.push("busybox", "busybox:latest");
+    let berth = Berth::start(
+        &ns,
+        BerthOpts {
+            config_toml: config_toml.into(),
+            registries_conf: Some(
+                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
+            ),
+            ..Default::default()
+        },
+    );
+    let mut im = berth.image_client().await;
+    im.pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rt = berth.runtime_client().await;
+    let logs = berth.dir.join("pod-logs");
+    Env {
+        berth,
+        reg,
+        ns,
+        rt,
+        logs,
+        last_pod: String::new(),
+    }
+}
+
+impl Env {
+    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: format!("{name}-host"),
+            log_directory: self.logs.join(name).display().to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// A pod with one container running `script`; its id.
+    async fn container(&mut self, name: &str, script: &str, start: bool) -> String {
+        let pod = self
+            .rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(self.pod_config(name)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod,
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: "c".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: IMAGE.into(),
+                        ..Default::default()
+                    }),
+                    command: vec!["sh".into(), "-c".into(), script.into()],
+                    log_path: "c/0.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(self.pod_config(name)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        if start {
+            self.rt
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .unwrap();
+        }
+        id
+    }
+
+    async fn exec_url(&mut self, req: cri::ExecRequest) -> Result<String, tonic::Status> {
+        self.rt.exec(req).await.map(|r| r.into_inner().url)
+    }
+
+    async fn finish(mut self) {
+        let pods = self
+            .rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        for p in pods {
+            self.rt
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: p.id,
+                })
+                .await
+                .unwrap();
+        }
+        let dir = self.berth.dir.clone();
+        let Env {
+            berth, reg, ns, rt, ..
+        } = self;
+        drop(rt);
+        drop(berth);
+        drop(reg);
+        ns.assert_no_leaks(&dir);
+    }
+}
+
+fn exec_req(id: &str, cmd: &[&str]) -> cri::ExecRequest {
+    cri::ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin: false,
+        stdout: true,
+        stderr: true,
+    }
+}
+
+/// host:port and path of a streaming URL.
+fn split_url(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let slash = rest.find('/').unwrap();
+    (rest[..slash].to_string(), rest[slash..].to_string())
+}
+
+/// A TCP connection made inside the test's network namespace (where berth's
+/// streaming server listens on 127.0.0.1).
+fn connect(ns: &Netns, hostport: &str) -> tokio::net::TcpStream {
+    let s = ns.tcp_connect(hostport).unwrap();
+    s.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(s).unwrap()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn ws_connect(ns: &Netns, url: &str, protocol: &str) -> Result<Ws, String> {
+    let (hostport, path) = split_url(url);
+    let mut req = format!("ws://{hostport}{path}")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    match tokio_tungstenite::client_async(req, connect(ns, &hostport)).await {
+        Ok((ws, resp)) => {
+            assert_eq!(
+                resp.headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                protocol
+            );
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            Err(format!("HTTP {}", resp.status().as_u16()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn is_base64(protocol: &str) -> bool {
+    protocol.contains("base64")
+}
+
+fn encode(protocol: &str, channel: u8, data: &[u8]) -> Message {
+    use base64::Engine;
+    if is_base64(protocol) {
+        let mut t = String::from(char::from(b'0'.wrapping_add(channel)));
+        t.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
+        Message::text(t)
+    } else {
+        let mut v = vec![channel];
+        v.extend_from_slice(data);
+        Message::binary(v)
+    }
+}
+
+fn decode(protocol: &str, msg: Message) -> Option<(u8, Vec<u8>)> {
+    use base64::Engine;
+    match msg {
+        Message::Binary(b) if !is_base64(protocol) => {
+            let (&c, rest) = b.split_first()?;
+            Some((c, rest.to_vec()))
+        }
+        Message::Text(t) if is_base64(protocol) => {
+            let t = t.as_str();
+            let c = t.as_bytes()[0].wrapping_sub(b'0');
+            Some((
+                c,
+                base64::engine::general_purpose::STANDARD
+                    .decode(&t[1..])
+                    .unwrap(),
+            ))
+        }
+        Message::Close(_) => None,
+        other => panic!("unexpected message for {protocol}: {other:?}"),
+    }
+}
+
+#[derive(Default, Debug)]
+struct Outcome {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    error: Vec<u8>,
+}
+
+impl Outcome {
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.error)
+            .unwrap_or_else(|e| panic!("error channel {:?}: {e}", self.error))
+    }
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Reads until the server closes; `on_stdout` may answer with messages.
+async fn collect(
+    ws: &mut Ws,
+    protocol: &str,
+    mut on_stdout: impl FnMut(&[u8]) -> Vec<Message>,
+) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(msg) = ws.next().await {
+        let Some((ch, data)) = decode(protocol, msg.unwrap()) else {
+            break;
+        };
+        match ch {
+            1 => {
+                o.stdout.extend_from_slice(&data);
+                for m in on_stdout(&o.stdout) {
+                    ws.send(m).await.unwrap();
+                }
+            }
+            2 => o.stderr.extend_from_slice(&data),
+            3 => o.error.extend_from_slice(&data),
+            c => panic!("unexpected channel {c}"),
+        }
+    }
+    o
+}
+
+const PROTOCOLS: [&str; 4] = [
+    "v5.channel.k8s.io",
+    "v5.base64.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+];
+
+#[tokio::test]
+async fn exec_over_websocket_without_tty() {
+    let mut env = start_with("").await;
+    let id = env.container("ws", "exec sleep 1000", true).await;
+    for protocol in PROTOCOLS {
+        let url = env
+            .exec_url(exec_req(
+                &id,
+                &["sh", "-c", "echo out; echo err >&2; hostname; exit 3"],
+            ))
+            .await
+            .unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        let o = collect(&mut ws, protocol, |_| vec![]).await;
+        assert_eq!(o.out(), "out\nws-host\n", "{protocol}");
+        assert_eq!(o.stderr, b"err\n", "{protocol}");
+        let st = o.status();
+        assert_eq!(st["status"], "Failure", "{protocol}: {st}");
+        assert_eq!(st["reason"], "NonZeroExitCode", "{protocol}: {st}");
+        assert_eq!(st["details"]["causes"][0]["reason"], "ExitCode");
+        assert_eq!(st["details"]["causes"][0]["message"], "3");
+
+        let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        let o = collect(&mut ws, protocol, |_| vec![]).await;
+        assert_eq!(o.status()["status"], "Success", "{protocol}");
+        assert!(o.stdout.is_empty() && o.stderr.is_empty());
+    }
+    // A command that is not there: 127 and runc's message.
+    let url = env.exec_url(exec_req(&id, &["no-such-cmd"])).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, PROTOCOLS[0]).await.unwrap();
+    let o = collect(&mut ws, PROTOCOLS[0], |_| vec![]).await;
+    assert_eq!(o.status()["details"]["causes"][0]["message"], "127");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("executable file not found"),
+        "{o:?}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_stdin_is_streamed_and_closed() {
+    let mut env = start_with("").await;
+    let id = env.container("stdin", "exec sleep 1000", true).await;
+    for protocol in ["v5.channel.k8s.io", "v5.base64.channel.k8s.io"] {
+        let mut req = exec_req(&id, &["cat"]);
+        req.stdin = true;
+        let url = env.exec_url(req).await.unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        ws.send(encode(protocol, 0, b"hello ")).await.unwrap();
+        ws.send(encode(protocol, 0, b"world\n")).await.unwrap();
+        // v5: closing stdin is channel 255 naming channel 0; cat then ends.
+        let mut closed = false;
+        let o = collect(&mut ws, protocol, |out| {
+            if !closed && out.ends_with(b"world\n") {
+                closed = true;
+                vec![encode(protocol, 255, &[0])]
+            } else {
+                vec![]
+            }
+        })
+        .await;
+        assert_eq!(o.out(), "hello world\n", "{protocol}");
+        assert_eq!(o.status()["status"], "Success");
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_with_tty_and_resize() {
+    let mut env = start_with("").await;
+    let id = env.container("tty", "exec sleep 1000", true).await;
+    let protocol = "v4.channel.k8s.io";
+    let mut req = exec_req(&id, &["sh", "-c", "tty; read line; stty size; exit 4"]);
+    req.tty = true;
+    req.stdin = true;
+    req.stderr = false;
+    let url = env.exec_url(req).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    let mut sent = false;
+    let o = collect(&mut ws, protocol, |out| {
+        if !sent && String::from_utf8_lossy(out).contains("/dev/pts/") {
+            sent = true;
+            vec![
+                encode(protocol, 4, br#"{"Width":123,"Height":45}"#),
+                encode(protocol, 0, b"go\r"),
+            ]
+        } else {
+            vec![]
+        }
+    })
+    .await;
+    let out = o.out();
+    // The terminal's line discipline: CRLF line ends, input echoed.
+    assert!(out.contains("/dev/pts/0\r\n"), "{out:?}");
+    assert!(out.contains("go\r\n"), "{out:?}");
+    assert!(out.contains("45 123\r\n"), "{out:?}");
+    assert_eq!(o.status()["details"]["causes"][0]["message"], "4");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_requests_are_validated() {
+    let mut env = start_with("").await;
+    let created = env.container("v1", "exec sleep 1000", false).await;
+    let e = env
+        .exec_url(exec_req(&created, &["true"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = env.exec_url(exec_req("nope", &["true"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let running = env.container("v2", "exec sleep 1000", true).await;
+    let mut req = exec_req(&running, &["true"]);
+    req.tty = true;
+    let e = env.exec_url(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut req = exec_req(&running, &["true"]);
+    req.stdout = false;
+    req.stderr = false;
+    let e = env.exec_url(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = env.exec_url(exec_req(&running, &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn tokens_are_single_use_and_expire() {
+    let mut env = start_with("[streaming]\ntoken_ttl_secs = 1\n").await;
+    let id = env.container("tok", "exec sleep 1000", true).await;
+    let protocol = PROTOCOLS[0];
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    let o = collect(&mut ws, protocol, |_| vec![]).await;
+    assert_eq!(o.status()["status"], "Success");
+    // Used.
+    assert_eq!(
+        ws_connect(&env.ns, &url, protocol).await.unwrap_err(),
+        "HTTP 404"
+    );
+    // Unknown.
+    let (hostport, _) = split_url(&url);
+    let bogus = format!("http://{hostport}/exec/0123456789abcdef");
+    assert_eq!(
+        ws_connect(&env.ns, &bogus, protocol).await.unwrap_err(),
+        "HTTP 404"
+    );
+    // Expired: never used within its second.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        ws_connect(&env.ns, &url, protocol).await.unwrap_err(),
+        "HTTP 404"
+    );
+    env.finish().await;
+}
+
+/// Live processes whose command line is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[tokio::test]
+async fn client_disconnect_kills_only_its_exec() {
+    let mut env = start_with("").await;
+    let id = env.container("disc", "exec sleep 1001", true).await;
+    let berth_pid = env.berth.pid().unwrap();
+    let berth_fds = move || {
+        std::fs::read_dir(format!("/proc/{berth_pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // One complete exec first, so what the daemon keeps for good exists.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap();
+    collect(&mut ws, PROTOCOLS[2], |_| vec![]).await;
+    drop(ws);
+    let baseline = berth_fds();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (argv, spdy) in [(["sleep", "7345"], false), (["sleep", "7346"], true)] {
+        let url = env.exec_url(exec_req(&id, &argv)).await.unwrap();
+        let client: Box<dyn std::any::Any> = if spdy {
+            let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+                .await
+                .unwrap();
+            c.open(ERROR_ID, "error").await;
+            c.open(STDOUT_ID, "stdout").await;
+            c.open(STDERR_ID, "stderr").await;
+            Box::new(c)
+        } else {
+            Box::new(ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap())
+        };
+        while processes(&argv).is_empty() {
+            assert!(Instant::now() < deadline, "the exec'd sleep never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(client);
+        while !processes(&argv).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the exec'd {argv:?} outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Every fd of those sessions (sockets, pipes, pidfds) is closed.
+    while berth_fds() > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "berth holds {} fds, {baseline} before the sessions",
+            berth_fds()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The container itself is untouched.
+    assert_eq!(processes(&["sleep", "1001"]).len(), 1);
+    let st = env
+        .rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    env.finish().await;
+}
+
+// ---- SPDY/3.1: a minimal client on berth's own framing module ----
+
+#[allow(dead_code)]
+#[path = "../src/streaming/spdy.rs"]
+mod spdy;
+
+use bytes::BytesMut;
+use spdy::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ERROR_ID: u32 = 1;
+const STDIN_ID: u32 = 3;
+const STDOUT_ID: u32 = 5;
+const STDERR_ID: u32 = 7;
+const RESIZE_ID: u32 = 9;
+
+struct SpdyClient {
+    tcp: tokio::net::TcpStream,
+    enc: spdy::Encoder,
+    dec: spdy::Decoder,
+    buf: BytesMut,
+}
+
+impl SpdyClient {
+    /// Upgrades; the negotiated protocol, or "HTTP <code>".
+    async fn connect(
+        ns: &Netns,
+        url: &str,
+        versions: &[&str],
+    ) -> Result<(SpdyClient, String), String> {
+        let (hostport, path) = split_url(url);
+        let mut tcp = connect(ns, &hostport);
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+        );
+        for v in versions {
+            req.push_str(&format!("X-Stream-Protocol-Version: {v}\r\n"));
+        }
+        req.push_str("Content-Length: 0\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if tcp.read(&mut b).await.unwrap() == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let code = head.split(' ').nth(1).unwrap_or("").to_string();
+        if code != "101" {
+            return Err(format!("HTTP {code}"));
+        }
+        let proto = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("x-stream-protocol-version")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        Ok((
+            SpdyClient {
+                tcp,
+                enc: spdy::Encoder::default(),
+                dec: spdy::Decoder::default(),
+                buf: BytesMut::new(),
+            },
+            proto,
+        ))
+    }
+
+    async fn send(&mut self, f: Frame) {
+        let mut out = Vec::new();
+        self.enc.encode(&f, &mut out).unwrap();
+        self.tcp.write_all(&out).await.unwrap();
+    }
+
+    async fn open(&mut self, id: u32, kind: &str) {
+        self.send(Frame::SynStream {
+            stream: id,
+            associated: 0,
+            priority: 0,
+            flags: 0,
+            headers: vec![("streamType".into(), kind.into())],
+        })
+        .await;
+    }
+
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            if self.tcp.read_buf(&mut self.buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection.
+    async fn collect(&mut self, mut on_stdout: impl FnMut(&[u8]) -> Vec<Frame>) -> Outcome {
+        let mut o = Outcome::default();
+        let mut replies = 0;
+        while let Some(f) = self.next().await {
+            match f {
+                Frame::Data { stream, data, .. } => match stream {
+                    ERROR_ID => o.error.extend_from_slice(&data),
+                    STDERR_ID => o.stderr.extend_from_slice(&data),
+                    STDOUT_ID => {
+                        o.stdout.extend_from_slice(&data);
+                        for f in on_stdout(&o.stdout) {
+                            self.send(f).await;
+                        }
+                    }
+                    s => panic!("data on stream {s}"),
+                },
+                Frame::SynReply { .. } => replies += 1,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert!(replies >= 2, "every stream gets a SYN_REPLY");
+        o
+    }
+}
+
+fn stdin_frame(data: &[u8], fin: bool) -> Frame {
+    Frame::Data {
+        stream: STDIN_ID,
+        fin,
+        data: data.to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn exec_over_spdy_all_versions() {
+    let mut env = start_with("").await;
+    let id = env.container("spdy", "exec sleep 1000", true).await;
+    for version in [
+        "v4.channel.k8s.io",
+        "v3.channel.k8s.io",
+        "v2.channel.k8s.io",
+        "channel.k8s.io",
+    ] {
+        let url = env
+            .exec_url(exec_req(
+                &id,
+                &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            ))
+            .await
+            .unwrap();
+        let (mut c, proto) = SpdyClient::connect(&env.ns, &url, &[version, "v1.bogus"])
+            .await
+            .unwrap();
+        assert_eq!(proto, version);
+        c.open(ERROR_ID, "error").await;
+        c.open(STDOUT_ID, "stdout").await;
+        c.open(STDERR_ID, "stderr").await;
+        let o = c.collect(|_| vec![]).await;
+        assert_eq!(o.out(), "out\n", "{version}");
+        assert_eq!(o.stderr, b"err\n", "{version}");
+        if version == "v4.channel.k8s.io" {
+            let st = o.status();
+            assert_eq!(st["reason"], "NonZeroExitCode", "{st}");
+            assert_eq!(st["details"]["causes"][0]["message"], "3");
+        } else {
+            let text = String::from_utf8_lossy(&o.error);
+            assert!(text.contains("exit code 3"), "{version}: {text}");
+        }
+    }
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(STDERR_ID, "stderr").await;
+    assert_eq!(c.collect(|_| vec![]).await.status()["status"], "Success");
+    // An unknown protocol version is refused; the token is then used up.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    assert_eq!(
+        SpdyClient::connect(&env.ns, &url, &["v9.channel.k8s.io"])
+            .await
+            .err()
+            .unwrap(),
+        "HTTP 403"
+    );
+    assert_eq!(
+        SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+            .await
+            .err()
+            .unwrap(),
+        "HTTP 404"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn exec_over_spdy_with_stdin_tty_and_resize() {
+    let mut env = start_with("").await;
+    let id = env.container("spdytty", "exec sleep 1000", true).await;
+    // stdin without a tty: closing the stream (FIN) is EOF for cat.
+    let mut req = exec_req(&id, &["cat"]);
+    req.stdin = true;
+    let url = env.exec_url(req).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(STDERR_ID, "stderr").await;
+    c.send(stdin_frame(b"via spdy\n", true)).await;
+    let o = c.collect(|_| vec![]).await;
+    assert_eq!(o.out(), "via spdy\n");
+    assert_eq!(o.status()["status"], "Success");
+
+    let mut req = exec_req(&id, &["sh", "-c", "tty; read line; stty size"]);
+    req.tty = true;
+    req.stdin = true;
+    req.stderr = false;
+    let url = env.exec_url(req).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(RESIZE_ID, "resize").await;
+    let mut sent = false;
+    let o = c
+        .collect(|out| {
+            if !sent && String::from_utf8_lossy(out).contains("/dev/pts/") {
+                sent = true;
+                vec![
+                    Frame::Data {
+                        stream: RESIZE_ID,
+                        fin: false,
+                        data: br#"{"Width":77,"Height":33}"#.to_vec(),
+                    },
+                    stdin_frame(b"x\r", false),
+                ]
+            } else {
+                vec![]
+            }
+        })
+        .await;
+    let out = o.out();
+    assert!(out.contains("/dev/pts/0\r\n"), "{out:?}");
+    assert!(out.contains("33 77\r\n"), "{out:?}");
+    assert_eq!(o.status()["status"], "Success");
+    env.finish().await;
+}
+
+// ---- Attach ----
+
+impl Env {
+    async fn container_with(&mut self, name: &str, mut cfg: cri::ContainerConfig) -> String {
+        let pod = self
+            .rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(self.pod_config(name)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        cfg.metadata = Some(cri::ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        });
+        cfg.image = Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        });
+        cfg.log_path = "c/0.log".into();
+        self.last_pod = pod.clone();
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod,
+                config: Some(cfg),
+                sandbox_config: Some(self.pod_config(name)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn attach_url(
+        &mut self,
+        id: &str,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<String, tonic::Status> {
+        self.rt
+            .attach(cri::AttachRequest {
+                container_id: id.into(),
+                stdin,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    }
+
+    async fn state(&mut self, id: &str) -> cri::ContainerStatus {
+        self.rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+}
+
+/// Reads stdout until it contains `want` (the server keeps streaming).
+async fn ws_read_until(ws: &mut Ws, protocol: &str, want: &str) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(want) {
+        let msg = ws.next().await.expect("stream ended").unwrap();
+        if let Some((1, data)) = decode(protocol, msg) {
+            out.extend_from_slice(&data);
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test]
+async fn attach_streams_output_and_survives_a_daemon_restart() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "att",
+            cri::ContainerConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.1; done".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    let protocol = PROTOCOLS[0];
+    let url = env.attach_url(&id, false, false).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    let first = ws_read_until(&mut ws, protocol, "\n").await;
+    assert!(first.starts_with("line"), "{first:?}");
+    drop(ws);
+
+    env.berth.restart();
+    env.rt = env.berth.runtime_client().await;
+    let url = env.attach_url(&id, false, false).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    // Live output: lines printed after the restart arrive.
+    let out = ws_read_until(&mut ws, protocol, "line").await;
+    assert!(out.contains("line"), "{out:?}");
+    drop(ws);
+    // Detaching leaves the container running.
+    assert_eq!(
+        env.state(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    // Unknown container; not running.
+    let e = env.attach_url("nope", false, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn attach_stdin_once_over_spdy() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "attin",
+            cri::ContainerConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read x; echo got:$x; cat; echo done".into(),
+                ],
+                stdin: true,
+                stdin_once: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let url = env.attach_url(&id, true, false).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(STDERR_ID, "stderr").await;
+    c.send(stdin_frame(b"hello\n", false)).await;
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("got:hello\n") {
+        if let Frame::Data {
+            stream: STDOUT_ID,
+            data,
+            ..
+        } = c.next().await.expect("stream ended")
+        {
+            out.extend_from_slice(&data)
+        }
+    }
+    c.send(stdin_frame(b"more\n", false)).await;
+    while !String::from_utf8_lossy(&out).contains("more\n") {
+        if let Frame::Data {
+            stream: STDOUT_ID,
+            data,
+            ..
+        } = c.next().await.expect("stream ended")
+        {
+            out.extend_from_slice(&data)
+        }
+    }
+    // The first attach session ends: stdin_once closes the container's
+    // stdin, cat sees EOF and the container exits 0.
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = env.state(&id).await;
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "stdin_once did not close stdin");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn attach_to_a_tty_container_with_resize() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "atty",
+            cri::ContainerConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "while read l; do stty size; done".into(),
+                ],
+                stdin: true,
+                tty: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let protocol = "v5.channel.k8s.io";
+    let url = env.attach_url(&id, true, true).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    ws.send(encode(protocol, 4, br#"{"Width":91,"Height":31}"#))
+        .await
+        .unwrap();
+    ws.send(encode(protocol, 0, b"x\r")).await.unwrap();
+    let out = ws_read_until(&mut ws, protocol, "31 91\r\n").await;
+    assert!(out.contains("x\r\n"), "the terminal echoes input: {out:?}");
+    drop(ws);
+    assert_eq!(
+        env.state(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    env.finish().await;
+}
+
+// ---- PortForward ----
+
+impl Env {
+    async fn port_forward(&mut self, pod: &str) -> (SpdyClient, String) {
+        let url = self
+            .rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        SpdyClient::connect(&self.ns, &url, &["portforward.k8s.io"])
+            .await
+            .unwrap()
+    }
+}
+
+impl SpdyClient {
+    async fn open_pair(&mut self, request: u32, port: u16) -> (u32, u32) {
+        let (error, data) = (1 + 4 * request, 3 + 4 * request);
+        for (id, kind) in [(error, "error"), (data, "data")] {
+            self.send(Frame::SynStream {
+                stream: id,
+                associated: 0,
+                priority: 0,
+                flags: 0,
+                headers: vec![
+                    ("streamType".into(), kind.into()),
+                    ("port".into(), port.to_string()),
+                    ("requestID".into(), request.to_string()),
+                ],
+            })
+            .await;
+        }
+        (error, data)
+    }
+
+    /// Reads until every stream in `data_ids` is finished; what came on
+    /// each stream.
+    async fn read_until_fin(
+        &mut self,
+        data_ids: &[u32],
+    ) -> std::collections::HashMap<u32, Vec<u8>> {
+        let mut got: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+        let mut open: Vec<u32> = data_ids.to_vec();
+        while !open.is_empty() {
+            match self.next().await.expect("connection ended") {
+                Frame::Data { stream, fin, data } => {
+                    got.entry(stream).or_default().extend_from_slice(&data);
+                    if fin {
+                        open.retain(|s| *s != stream);
+                    }
+                }
+                Frame::SynReply { .. } => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        got
+    }
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(seed) as u8 ^ (i >> 11) as u8)
+        .collect()
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[tokio::test]
+async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
+    let mut env = start_with("").await;
+    let _ = env
+        .container_with(
+            "pf",
+            cri::ContainerConfig {
+                command: vec![
+                    "nc".into(),
+                    "-ll".into(),
+                    "-p".into(),
+                    "8080".into(),
+                    "-e".into(),
+                    "cat".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    let pod = env.last_pod.clone();
+    // Until the echo server listens, the error stream says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (mut c, proto) = env.port_forward(&pod).await;
+        assert_eq!(proto, "portforward.k8s.io");
+        let (error, data) = c.open_pair(0, 8080).await;
+        c.send(Frame::Data {
+            stream: data,
+            fin: true,
+            data: b"ping".to_vec(),
+        })
+        .await;
+        let got = c.read_until_fin(&[data, error]).await;
+        if got.get(&data).map(Vec::as_slice) == Some(b"ping") {
+            break;
+        }
+        let err = String::from_utf8_lossy(got.get(&error).map(Vec::as_slice).unwrap_or_default())
+            .into_owned();
+        assert!(err.contains("8080"), "{err:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the echo server never listened: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Three connections over one SPDY session, one of them 4 MiB.
+    let (mut c, _) = env.port_forward(&pod).await;
+    let sizes = [4 << 20, 100_000, 3];
+    let mut ids = Vec::new();
+    for (k, &len) in sizes.iter().enumerate() {
+        ids.push(c.open_pair(k as u32, 8080).await);
+        let _ = len;
+    }
+    let mut fins = Vec::new();
+    for (k, &len) in sizes.iter().enumerate() {
+        let (error, data) = ids[k];
+        for chunk in pattern(k as u32, len).chunks(64 * 1024) {
+            c.send(Frame::Data {
+                stream: data,
+                fin: false,
+                data: chunk.to_vec(),
+            })
+            .await;
+        }
+        c.send(Frame::Data {
+            stream: data,
+            fin: true,
+            data: Vec::new(),
+        })
+        .await;
+        fins.push(error);
+        fins.push(data);
+    }
+    let got = c.read_until_fin(&fins).await;
+    for (k, &len) in sizes.iter().enumerate() {
+        let (error, data) = ids[k];
+        assert_eq!(sha(&got[&data]), sha(&pattern(k as u32, len)), "stream {k}");
+        assert!(
+            got.get(&error).is_none_or(|e| e.is_empty()),
+            "stream {k}: {:?}",
+            got.get(&error)
+        );
+    }
+
+    // A port nobody listens on: the error stream says so.
+    let (mut c, _) = env.port_forward(&pod).await;
+    let (error, data) = c.open_pair(0, 8081).await;
+    let got = c.read_until_fin(&[error, data]).await;
+    let err = String::from_utf8_lossy(&got[&error]).into_owned();
+    assert!(err.contains("8081"), "{err:?}");
+
+    // The WebSocket protocol: channel 2i data, 2i+1 errors of the i-th
+    // port of the query; each channel starts with its port (LE u16).
+    let url = env
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![8080, 8081],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let protocol = "v4.channel.k8s.io";
+    let mut ws = ws_connect(&env.ns, &format!("{url}?port=8080&port=8081"), protocol)
+        .await
+        .unwrap();
+    let mut firsts = Vec::new();
+    let mut error_8081 = Vec::new();
+    while firsts.len() < 4 || error_8081.is_empty() {
+        let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
+        if firsts.iter().any(|(c, _)| *c == ch) {
+            assert_eq!(ch, 3, "only 8081's error channel says more");
+            error_8081.extend_from_slice(&data);
+        } else {
+            firsts.push((ch, data));
+        }
+    }
+    firsts.sort();
+    assert_eq!(
+        firsts,
+        vec![
+            (0, 8080u16.to_le_bytes().to_vec()),
+            (1, 8080u16.to_le_bytes().to_vec()),
+            (2, 8081u16.to_le_bytes().to_vec()),
+            (3, 8081u16.to_le_bytes().to_vec()),
+        ]
+    );
+    assert!(String::from_utf8_lossy(&error_8081).contains("8081"));
+    ws.send(encode(protocol, 0, b"over websocket\n"))
+        .await
+        .unwrap();
+    let mut echoed = Vec::new();
+    while echoed != b"over websocket\n" {
+        let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(ch, 0);
+        echoed.extend_from_slice(&data);
+    }
+    drop(ws);
+
+    // Unknown pod.
+    let e = env
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: "nope".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    env.finish().await;
+}
