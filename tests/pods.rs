@@ -1181,6 +1181,33 @@ async fn invalid_run_requests() {
         );
     }
 
+    // Asking for a user namespace or another runtime handler is refused,
+    // naming it, not silently run as the host's root on the default runtime.
+    let mut cfg = pod_config(&berth, "userns");
+    let sc = cfg
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default);
+    sc.namespace_options
+        .get_or_insert_with(Default::default)
+        .userns_options = Some(cri::UserNamespace {
+        mode: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    });
+    let e = try_run(&mut rt, Some(cfg)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("user namespaces"), "{e:?}");
+    let e = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config(&berth, "kata")),
+            runtime_handler: "kata".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("\"kata\""), "{e:?}");
+
     assert!(list(&mut rt, None).await.is_empty());
     assert!(
         pins_mounted(&ns, &berth).is_empty(),

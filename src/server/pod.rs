@@ -119,6 +119,23 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     let sc = linux.security_context.unwrap_or_default();
     let privileged = sc.privileged;
     let opts = sc.namespace_options.unwrap_or_default();
+    // Refused rather than ignored: a pod asking for its own user namespace
+    // must not run as the host's root, nor one asking for another runtime
+    // on berth's.
+    if let Some(u) = &opts.userns_options {
+        if u.mode != cri::NamespaceMode::Node as i32 {
+            return Err(Status::invalid_argument(format!(
+                "RunPodSandbox {}/{}: user namespaces (hostUsers: false) are not supported yet",
+                md.namespace, md.name
+            )));
+        }
+    }
+    if !req.runtime_handler.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "RunPodSandbox {}/{}: unknown runtime handler {:?} (berth has only the default handler \"\")",
+            md.namespace, md.name, req.runtime_handler
+        )));
+    }
     Ok(PodSpec {
         name: md.name,
         uid: md.uid,
