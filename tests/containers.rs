@@ -852,10 +852,7 @@ async fn containers_of_a_pod_share_dev_shm() {
 /// config tolerates missing controllers.
 #[tokio::test]
 async fn limits_without_cgroups_need_tolerance() {
-    let pure_v2 = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 "));
+    let pure_v2 = pure_cgroup2_host();
     if pure_v2 {
         eprintln!(
             "SKIP: this host has cgroup v2 at /sys/fs/cgroup; the VM suite covers limits there"
@@ -896,6 +893,15 @@ async fn limits_without_cgroups_need_tolerance() {
     assert_eq!(env.wait_exit(&id).await.exit_code, 0);
     assert!(env.berth.log().contains("limit not applied"));
     env.finish().await;
+}
+
+/// Whether cgroup2 is mounted at /sys/fs/cgroup (limits apply there; the
+/// VM suite covers that case).
+fn pure_cgroup2_host() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 "))
 }
 
 fn ppid_of(pid: i32) -> i32 {
@@ -1009,10 +1015,7 @@ async fn tty_and_stdin() {
 /// recorded; exited and unknown containers are refused.
 #[tokio::test]
 async fn update_resources_on_a_host_without_cgroups() {
-    let pure_v2 = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 "));
+    let pure_v2 = pure_cgroup2_host();
     if pure_v2 {
         eprintln!("SKIP: this host has cgroup v2 at /sys/fs/cgroup; the VM suite covers updates");
         return;

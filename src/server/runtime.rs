@@ -143,15 +143,7 @@ impl RuntimeService for RuntimeApi {
             .unwrap_or_default();
         rpc("UpdateRuntimeConfig", &cidr, async {
             for part in cidr.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let valid = part.split_once('/').is_some_and(|(ip, len)| {
-                    let max = match ip.parse::<std::net::IpAddr>() {
-                        Ok(std::net::IpAddr::V4(_)) => 32,
-                        Ok(std::net::IpAddr::V6(_)) => 128,
-                        Err(_) => return false,
-                    };
-                    len.parse::<u8>().is_ok_and(|l| l <= max)
-                });
-                if !valid {
+                if part.parse::<ipnet::IpNet>().is_err() {
                     return Err(Status::invalid_argument(format!(
                         "UpdateRuntimeConfig: pod CIDR {part:?} is not an address/prefix"
                     )));
@@ -336,13 +328,13 @@ impl RuntimeService for RuntimeApi {
             if let Some(pod_id) = pod_id {
                 // A start that fails leaves an exited container behind.
                 let kind = match started {
-                    Ok(()) => Kind::ContainerStartedEvent,
+                    Ok(()) => Some(Kind::ContainerStartedEvent),
                     Err(crate::container::ContainerError::CannotRun { .. }) => {
-                        Kind::ContainerStoppedEvent
+                        Some(Kind::ContainerStoppedEvent)
                     }
-                    Err(_) => Kind::ContainerCreatedEvent,
+                    Err(_) => None,
                 };
-                if kind != Kind::ContainerCreatedEvent {
+                if let Some(kind) = kind {
                     self.0.emit(&id, &pod_id, kind);
                 }
             }
