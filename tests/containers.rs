@@ -5,239 +5,23 @@ mod common;
 
 use common::*;
 use cri_proto::v1 as cri;
-use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
 
-const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
-
-struct Env {
-    berth: Berth,
-    reg: Registry,
-    ns: Netns,
-    rt: RuntimeServiceClient<Channel>,
-    logs: PathBuf,
-}
+const IMAGE: &str = BUSYBOX;
 
 async fn start() -> Env {
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    reg.push("user-numeric", "user-numeric:latest");
-    let berth = Berth::start(
-        &ns,
-        BerthOpts {
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
-            ..Default::default()
-        },
-    );
-    let mut im = berth.image_client().await;
-    for image in [IMAGE, "127.0.0.1:5000/user-numeric:latest"] {
-        im.pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
-    let rt = berth.runtime_client().await;
-    let logs = berth.dir.join("pod-logs");
-    Env {
-        berth,
-        reg,
-        ns,
-        rt,
-        logs,
-    }
+    Env::start(&["busybox", "user-numeric"]).await
 }
 
 impl Env {
-    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: format!("{name}-host"),
-            log_directory: self.logs.join(name).display().to_string(),
-            dns_config: Some(cri::DnsConfig {
-                servers: vec!["10.96.0.10".into()],
-                searches: vec!["default.svc.cluster.local".into()],
-                options: vec!["ndots:5".into()],
-            }),
-            linux: Some(cri::LinuxPodSandboxConfig {
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Pod as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    async fn pod(&mut self, name: &str) -> String {
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(self.pod_config(name)),
-                runtime_handler: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id
-    }
-
-    async fn create(
-        &mut self,
-        pod: &str,
-        cfg: cri::ContainerConfig,
-    ) -> Result<String, tonic::Status> {
-        let pod_name = self.pod_name(pod).await;
-        self.rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(cfg),
-                sandbox_config: Some(self.pod_config(&pod_name)),
-            })
-            .await
-            .map(|r| r.into_inner().container_id)
-    }
-
-    async fn pod_name(&mut self, pod: &str) -> String {
-        self.rt
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.into(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap()
-            .metadata
-            .unwrap()
-            .name
-    }
-
-    async fn run(&mut self, pod: &str, name: &str, script: &str) -> String {
-        let id = self.create(pod, sh(name, script)).await.unwrap();
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
-        id
-    }
-
-    async fn status(&mut self, id: &str) -> cri::ContainerStatus {
-        self.rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap()
-    }
-
-    async fn wait_exit(&mut self, id: &str) -> cri::ContainerStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.status(id).await;
-            if s.state == cri::ContainerState::ContainerExited as i32 {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "container {id} did not exit: {s:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log(&self, pod: &str, name: &str) -> String {
-        std::fs::read_to_string(self.logs.join(pod).join(name).join("0.log")).unwrap_or_default()
-    }
-
-    /// The container output's text, without the CRI log prefixes.
-    fn output(&self, pod: &str, name: &str) -> String {
-        self.log(pod, name)
-            .lines()
-            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or(""))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    async fn finish(mut self) {
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            self.rt
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await
-                .unwrap();
-        }
-        let left = self
-            .rt
-            .list_containers(cri::ListContainersRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .containers;
-        assert!(
-            left.is_empty(),
-            "containers left after removing their pods: {left:?}"
-        );
-        let dir = self.berth.dir.clone();
-        let Env {
-            berth, reg, ns, rt, ..
-        } = self;
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
+    async fn run_sh(&mut self, pod: &str, name: &str, script: &str) -> String {
+        self.run(pod, sh(name, script)).await
     }
 }
 
 fn sh(name: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
-    }
+    common::sh(name, IMAGE, script)
 }
 
 #[tokio::test]
@@ -289,7 +73,7 @@ async fn lifecycle_exit_codes_and_logs() {
         "{log}"
     );
 
-    let ok = env.run(&pod, "ok", "true").await;
+    let ok = env.run_sh(&pod, "ok", "true").await;
     let s = env.wait_exit(&ok).await;
     assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
 
@@ -504,17 +288,17 @@ async fn stop_timeout_escalates_and_restart_keeps_containers() {
     let mut env = start().await;
     let pod = env.pod("stoppod").await;
     // sleep as PID 1 ignores SIGTERM: the stop must escalate to SIGKILL.
-    let stubborn = env.run(&pod, "stubborn", "exec sleep 1000").await;
+    let stubborn = env.run_sh(&pod, "stubborn", "exec sleep 1000").await;
     // A shell with a TERM handler exits on its own.
     let polite = env
-        .run(
+        .run_sh(
             &pod,
             "polite",
             "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 0.1; done",
         )
         .await;
     let chatty = env
-        .run(
+        .run_sh(
             &pod,
             "chatty",
             "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
@@ -614,7 +398,7 @@ async fn list_filters() {
     let mut cfg = sh("a", "sleep 30");
     cfg.labels.insert("app".into(), "web".into());
     let a = env.create(&p1, cfg).await.unwrap();
-    let b = env.run(&p2, "b", "sleep 30").await;
+    let b = env.run_sh(&p2, "b", "sleep 30").await;
     let list = |f: cri::ContainerFilter| {
         let mut rt = env.rt.clone();
         async move {
@@ -821,11 +605,11 @@ async fn containers_of_a_pod_share_dev_shm() {
     let mut env = start().await;
     let pod = env.pod("shmpod").await;
     let writer = env
-        .run(&pod, "writer", "echo shared > /dev/shm/token")
+        .run_sh(&pod, "writer", "echo shared > /dev/shm/token")
         .await;
     assert_eq!(env.wait_exit(&writer).await.exit_code, 0);
     let reader = env
-        .run(
+        .run_sh(
             &pod,
             "reader",
             "cat /dev/shm/token; grep ' /dev/shm ' /proc/mounts | grep -c tmpfs",
@@ -836,7 +620,7 @@ async fn containers_of_a_pod_share_dev_shm() {
     // Another pod does not see it.
     let other = env.pod("shmpod2").await;
     let probe = env
-        .run(
+        .run_sh(
             &other,
             "probe",
             "test -e /dev/shm/token && echo seen || echo unseen",
@@ -917,8 +701,8 @@ fn ppid_of(pid: i32) -> i32 {
 async fn monitors_are_daemon_children_named_after_their_container() {
     let mut env = start().await;
     let pod = env.pod("zygote").await;
-    let a = env.run(&pod, "a", "sleep 600").await;
-    let b = env.run(&pod, "b", "sleep 600").await;
+    let a = env.run_sh(&pod, "a", "sleep 600").await;
+    let b = env.run_sh(&pod, "b", "sleep 600").await;
     let daemon = env.berth.pid().unwrap();
     let mut monitors = Vec::new();
     for id in [&a, &b] {
@@ -1022,7 +806,7 @@ async fn update_resources_on_a_host_without_cgroups() {
     }
     let mut env = start().await;
     let pod = env.pod("upd").await;
-    let id = env.run(&pod, "sleeper", "sleep 600").await;
+    let id = env.run_sh(&pod, "sleeper", "sleep 600").await;
     let update = |linux: cri::LinuxContainerResources| cri::UpdateContainerResourcesRequest {
         container_id: id.clone(),
         linux: Some(linux),

@@ -11,30 +11,7 @@ use tonic::transport::Channel;
 const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
 
 async fn start() -> (Netns, Registry, Berth) {
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    let berth = Berth::start(
-        &ns,
-        BerthOpts {
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
-            ..Default::default()
-        },
-    );
-    berth
-        .image_client()
-        .await
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: IMAGE.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let Env { berth, reg, ns, .. } = Env::start(&["busybox"]).await;
     (ns, reg, berth)
 }
 

@@ -122,29 +122,12 @@ fn entries(p: std::path::PathBuf) -> Vec<String> {
 
 #[tokio::test]
 async fn kill_at_every_step_then_recover() {
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    let mut berth = Berth::start(
-        &ns,
-        BerthOpts {
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
-            ..Default::default()
-        },
-    );
-    let mut im = berth.image_client().await;
-    im.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    drop(im);
+    let Env {
+        mut berth,
+        reg,
+        ns,
+        ..
+    } = Env::start(&["busybox"]).await;
 
     // A pod and a running container that must survive every crash below.
     let mut rt = berth.runtime_client().await;

@@ -11,26 +11,15 @@ mod common;
 
 use common::*;
 use cri_proto::v1 as cri;
-use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
 
-const REG: &str = "127.0.0.1:5000";
 /// The default capability set (containerd's), as a CapEff mask.
 const DEFAULT_CAPS: &str = "00000000a80425fb";
 
-struct Env {
-    berth: Berth,
-    reg: Registry,
-    ns: Netns,
-    rt: RuntimeServiceClient<Channel>,
-    logs: PathBuf,
-}
-
 fn image(name: &str) -> String {
-    format!("{REG}/{name}:latest")
+    image_ref(name)
 }
 
 async fn start() -> Env {
@@ -39,85 +28,21 @@ async fn start() -> Env {
 
 /// berth with the busybox and security images pulled, plus `more`.
 async fn start_with(more: &[&str]) -> Env {
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
     let mut images = vec!["busybox", "security"];
     images.extend_from_slice(more);
-    for i in &images {
-        reg.push(i, &format!("{i}:latest"));
-    }
-    let berth = Berth::start(
-        &ns,
-        BerthOpts {
-            registries_conf: Some(format!(
-                "[[registry]]\nlocation = \"{REG}\"\ninsecure = true\n"
-            )),
-            ..Default::default()
-        },
-    );
-    let mut im = berth.image_client().await;
-    for i in &images {
-        im.pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image(i),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
-    let rt = berth.runtime_client().await;
-    let logs = berth.dir.join("pod-logs");
-    Env {
-        berth,
-        reg,
-        ns,
-        rt,
-        logs,
-    }
-}
-
-fn ns_opts(
-    network: cri::NamespaceMode,
-    pid: cri::NamespaceMode,
-    ipc: cri::NamespaceMode,
-) -> cri::NamespaceOption {
-    cri::NamespaceOption {
-        network: network as i32,
-        pid: pid as i32,
-        ipc: ipc as i32,
-        ..Default::default()
-    }
+    Env::start(&images).await
 }
 
 impl Env {
-    fn pod_config(
+    /// [`Env::pod_config`] with its Linux part changed by `f`.
+    fn pod_config_with(
         &self,
         name: &str,
         f: impl FnOnce(&mut cri::LinuxPodSandboxConfig),
     ) -> cri::PodSandboxConfig {
-        use cri::NamespaceMode::*;
-        let mut linux = cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(ns_opts(Pod, Container, Pod)),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        f(&mut linux);
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: format!("{name}-host"),
-            log_directory: self.logs.join(name).display().to_string(),
-            linux: Some(linux),
-            ..Default::default()
-        }
+        let mut config = self.pod_config(name);
+        f(config.linux.as_mut().unwrap());
+        config
     }
 
     async fn try_pod(
@@ -125,65 +50,8 @@ impl Env {
         name: &str,
         f: impl FnOnce(&mut cri::LinuxPodSandboxConfig),
     ) -> Result<String, tonic::Status> {
-        let config = self.pod_config(name, f);
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await
-            .map(|r| r.into_inner().pod_sandbox_id)
-    }
-
-    async fn pod(&mut self, name: &str) -> String {
-        self.try_pod(name, |_| {}).await.unwrap()
-    }
-
-    async fn create(
-        &mut self,
-        pod: &str,
-        cfg: cri::ContainerConfig,
-    ) -> Result<String, tonic::Status> {
-        self.rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(cfg),
-                sandbox_config: None,
-            })
-            .await
-            .map(|r| r.into_inner().container_id)
-    }
-
-    async fn run(&mut self, pod: &str, cfg: cri::ContainerConfig) -> String {
-        let name = cfg.metadata.as_ref().unwrap().name.clone();
-        let id = self
-            .create(pod, cfg)
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("start {name}: {e:?}"));
-        id
-    }
-
-    /// `sh -c script` through ExecSync: (stdout + stderr, exit code).
-    async fn exec(&mut self, id: &str, script: &str) -> (String, i32) {
-        let r = self
-            .rt
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: id.into(),
-                cmd: vec!["sh".into(), "-c".into(), script.into()],
-                timeout: 20,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("exec {script:?} in {id}: {e:?}"))
-            .into_inner();
-        let mut out = String::from_utf8_lossy(&r.stdout).into_owned();
-        out.push_str(&String::from_utf8_lossy(&r.stderr));
-        (out, r.exit_code)
+        let config = self.pod_config_with(name, f);
+        self.try_run_pod(config).await
     }
 
     /// Waits until the container's own process (the one that ran as PID 1
@@ -207,68 +75,6 @@ impl Env {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    async fn status(&mut self, id: &str) -> cri::ContainerStatus {
-        self.rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap()
-    }
-
-    /// The container's output (CRI log, prefixes stripped) once it holds
-    /// `marker`.
-    async fn output_with(&mut self, id: &str, pod: &str, name: &str, marker: &str) -> String {
-        let path = self.logs.join(pod).join(name).join("0.log");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text: String = std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| l.splitn(4, ' ').nth(3).unwrap_or(""))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if text.contains(marker) {
-                return text;
-            }
-            if Instant::now() > deadline {
-                let s = self.status(id).await;
-                panic!("container {name} wrote no {marker:?}: {text:?}, status {s:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn finish(mut self) {
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            self.rt
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await
-                .unwrap();
-        }
-        let dir = self.berth.dir.clone();
-        let Env {
-            berth, reg, ns, rt, ..
-        } = self;
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
     }
 }
 

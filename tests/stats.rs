@@ -7,139 +7,47 @@ mod common;
 
 use common::*;
 use cri_proto::v1 as cri;
-use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
 
 const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
 const DEADLINE: Duration = Duration::from_secs(60);
 
-struct Env {
-    berth: Berth,
-    reg: Registry,
-    ns: Netns,
-    rt: RuntimeServiceClient<Channel>,
-}
-
 async fn start() -> Env {
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    let berth = Berth::start(
-        &ns,
+    Env::start_with(
+        &["busybox"],
         BerthOpts {
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
             // Walk writable layers every second so growth shows quickly.
             config_toml: "[stats]\nwritable_layer_interval_secs = 1\n".into(),
             ..Default::default()
         },
-    );
-    let mut im = berth.image_client().await;
-    im.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+    )
     .await
-    .unwrap();
-    let rt = berth.runtime_client().await;
-    Env { berth, reg, ns, rt }
-}
-
-fn pod_config(name: &str, network: cri::NamespaceMode) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        labels: [("pod".to_string(), name.to_string())].into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: network as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn sh(name: &str, script: &str, labels: &[(&str, &str)]) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    }
+    let mut cfg = common::sh(name, IMAGE, script);
+    cfg.labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    cfg
 }
 
 impl Env {
-    async fn pod(&mut self, name: &str, network: cri::NamespaceMode) -> String {
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(pod_config(name, network)),
-                runtime_handler: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id
+    /// A pod labelled `pod=<name>` with the given network mode.
+    async fn pod_net(&mut self, name: &str, network: cri::NamespaceMode) -> String {
+        let mut config = self.pod_config(name);
+        config.labels = [("pod".to_string(), name.to_string())].into();
+        let linux = config.linux.as_mut().unwrap();
+        let opts = linux.security_context.as_mut().unwrap();
+        opts.namespace_options.as_mut().unwrap().network = network as i32;
+        self.run_pod(config).await
     }
 
-    async fn run(&mut self, pod: &str, pod_name: &str, cfg: cri::ContainerConfig) -> String {
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(cfg),
-                sandbox_config: Some(pod_config(pod_name, cri::NamespaceMode::Pod)),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
-        id
-    }
-
-    async fn exec(&mut self, id: &str, script: &str) -> i32 {
-        self.rt
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: id.into(),
-                cmd: vec!["sh".into(), "-c".into(), script.into()],
-                timeout: 60,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .exit_code
+    async fn exec_code(&mut self, id: &str, script: &str) -> i32 {
+        self.exec(id, script).await.1
     }
 
     async fn stats(&mut self, id: &str) -> cri::ContainerStats {
@@ -229,32 +137,6 @@ impl Env {
         let v: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
         v["pid"].as_i64().unwrap() as i32
     }
-
-    async fn finish(mut self) {
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            self.rt
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await
-                .unwrap();
-        }
-        let dir = self.berth.dir.clone();
-        let Env {
-            berth, reg, ns, rt, ..
-        } = self;
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
-    }
 }
 
 fn val(v: &Option<cri::UInt64Value>) -> u64 {
@@ -264,13 +146,12 @@ fn val(v: &Option<cri::UInt64Value>) -> u64 {
 #[tokio::test]
 async fn container_stats_follow_the_workload() {
     let mut env = start().await;
-    let pod = env.pod("work", cri::NamespaceMode::Pod).await;
+    let pod = env.pod_net("work", cri::NamespaceMode::Pod).await;
     // The busy loop runs in the init itself: without cgroups the init's own
     // CPU time (plus its waited-for children's) is what is measured.
     let id = env
         .run(
             &pod,
-            "work",
             sh(
                 "busy",
                 "while [ ! -e /go ]; do sleep 0.1; done; \
@@ -308,7 +189,7 @@ async fn container_stats_follow_the_workload() {
 
     // Writing 4 MiB into the container's rootfs grows its writable layer.
     assert_eq!(
-        env.exec(
+        env.exec_code(
             &id,
             "dd if=/dev/zero of=/big bs=1M count=4 2>/dev/null && sync"
         )
@@ -328,9 +209,9 @@ async fn container_stats_follow_the_workload() {
 
     // Burning CPU in the container shows in its cumulative usage and rate.
     let before = env.stats(&id).await.cpu.unwrap();
-    assert_eq!(env.exec(&id, "touch /go").await, 0);
+    assert_eq!(env.exec_code(&id, "touch /go").await, 0);
     let deadline = Instant::now() + DEADLINE;
-    while env.exec(&id, "test -e /done").await != 0 {
+    while env.exec_code(&id, "test -e /done").await != 0 {
         assert!(Instant::now() < deadline, "busy loop never finished");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -356,13 +237,13 @@ async fn container_stats_follow_the_workload() {
 #[tokio::test]
 async fn filters_and_unknown_ids() {
     let mut env = start().await;
-    let p1 = env.pod("one", cri::NamespaceMode::Pod).await;
-    let p2 = env.pod("two", cri::NamespaceMode::Pod).await;
+    let p1 = env.pod_net("one", cri::NamespaceMode::Pod).await;
+    let p2 = env.pod_net("two", cri::NamespaceMode::Pod).await;
     let a = env
-        .run(&p1, "one", sh("a", "exec sleep 1000", &[("app", "web")]))
+        .run(&p1, sh("a", "exec sleep 1000", &[("app", "web")]))
         .await;
     let b = env
-        .run(&p2, "two", sh("b", "exec sleep 1000", &[("app", "db")]))
+        .run(&p2, sh("b", "exec sleep 1000", &[("app", "db")]))
         .await;
     let mut both = vec![a.clone(), b.clone()];
     both.sort();
@@ -473,11 +354,9 @@ fn send_udp(pid: i32, to: &str, n: usize, size: usize) {
 #[tokio::test]
 async fn pod_stats_network_and_metrics() {
     let mut env = start().await;
-    let pod = env.pod("net", cri::NamespaceMode::Pod).await;
-    let host = env.pod("host", cri::NamespaceMode::Node).await;
-    let ctr = env
-        .run(&pod, "net", sh("app", "exec sleep 1000", &[]))
-        .await;
+    let pod = env.pod_net("net", cri::NamespaceMode::Pod).await;
+    let host = env.pod_net("host", cri::NamespaceMode::Node).await;
+    let ctr = env.run(&pod, sh("app", "exec sleep 1000", &[])).await;
 
     let s = env.pod_stats(&pod).await;
     let attrs = s.attributes.unwrap();
@@ -627,9 +506,9 @@ async fn list_stats_of_100_containers() {
     let mut env = start().await;
     for p in 0..10 {
         let name = format!("many{p}");
-        let pod = env.pod(&name, cri::NamespaceMode::Pod).await;
+        let pod = env.pod_net(&name, cri::NamespaceMode::Pod).await;
         for c in 0..10 {
-            env.run(&pod, &name, sh(&format!("c{c}"), "exec sleep 1000", &[]))
+            env.run(&pod, sh(&format!("c{c}"), "exec sleep 1000", &[]))
                 .await;
         }
     }

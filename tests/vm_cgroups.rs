@@ -72,29 +72,9 @@ struct Vm {
 /// Registry with busybox, berth, busybox pulled.
 async fn setup() -> Vm {
     require_vm();
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    let berth = Berth::start(
-        &ns,
-        BerthOpts {
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
-            ..Default::default()
-        },
-    );
-    let mut im = berth.image_client().await;
-    im.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let rt = berth.runtime_client().await;
+    let Env {
+        rt, berth, reg, ns, ..
+    } = Env::start(&["busybox"]).await;
     Vm { rt, berth, reg, ns }
 }
 

@@ -56,29 +56,13 @@ fn val(v: &Option<cri::UInt64Value>) -> u64 {
 #[ignore = "needs the test VM: scripts/vm-test"]
 async fn vm_stats_follow_cgroup_usage() {
     require_vm();
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    let berth = Berth::start(
-        &ns,
-        BerthOpts {
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
-            ..Default::default()
-        },
-    );
-    let mut im = berth.image_client().await;
-    im.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut rt = berth.runtime_client().await;
+    let Env {
+        mut rt,
+        berth,
+        reg,
+        ns,
+        ..
+    } = Env::start(&["busybox"]).await;
     let pod = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(pod_config()),
@@ -243,7 +227,6 @@ async fn vm_stats_follow_cgroup_usage() {
     assert!(!cg.exists(), "container cgroup removed");
     let dir = berth.dir.clone();
     drop(rt);
-    drop(im);
     drop(berth);
     drop(reg);
     ns.assert_no_leaks(&dir);

@@ -35,7 +35,11 @@
 
 #![allow(dead_code)]
 
+pub mod fixture;
 pub mod token_server;
+
+#[allow(unused_imports)]
+pub use fixture::*;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
