@@ -1402,8 +1402,16 @@ async fn attach_when_the_monitor_is_gone() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    // Refused at once, naming the container, whether or not the exit has
-    // been noticed yet.
+    // Dead (a zombie has closed its fds) or reaped already.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(format!("/proc/{monitor}/stat"))
+        .is_ok_and(|st| !matches!(st.rsplit_once(") ").map(|(_, r)| &r[..1]), Some("Z" | "X")))
+    {
+        assert!(Instant::now() < deadline, "the monitor survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Refused, naming the container, whether or not its exit has been
+    // noticed yet.
     let e = env.attach_url(&id, false, false).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains(&id), "{e:?}");

@@ -57,3 +57,32 @@ where
         let _ = sink.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    #[tokio::test]
+    async fn bytes_cross_in_binary_messages_and_a_local_eof_closes() {
+        let (a, b) = tokio::io::duplex(1024);
+        let server = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let (mut local, theirs) = tokio::io::duplex(1024);
+        let bridged = tokio::spawn(bridge(server, theirs));
+        // Message boundaries mean nothing: the reader sees one stream.
+        client.send(Message::binary(b"ab".to_vec())).await.unwrap();
+        client.send(Message::binary(b"cd".to_vec())).await.unwrap();
+        let mut got = [0u8; 4];
+        local.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"abcd");
+        local.write_all(b"back").await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::binary(b"back".to_vec())
+        );
+        drop(local);
+        assert!(matches!(client.next().await, Some(Ok(Message::Close(_)))));
+        bridged.await.unwrap();
+    }
+}
