@@ -91,6 +91,10 @@ pub struct StreamingConfig {
     pub idle_timeout_secs: u64,
     /// Connections (including ones still upgrading) served at once.
     pub max_connections: usize,
+    /// PEM certificate chain and private key: with both, the server speaks
+    /// TLS only and its URLs are https.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for StreamingConfig {
@@ -101,6 +105,8 @@ impl Default for StreamingConfig {
             token_ttl_secs: 60,
             idle_timeout_secs: 4 * 3600,
             max_connections: 256,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -252,6 +258,12 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        if self.streaming.tls_cert.is_some() != self.streaming.tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "streaming.tls_cert",
+                reason: "streaming.tls_cert and streaming.tls_key go together".into(),
+            });
+        }
         Ok(())
     }
 }
@@ -369,6 +381,11 @@ idle_timeout_secs = {s_idle}
 
 # Connections served at once (the rest are refused), upgrading ones included.
 max_connections = {s_max}
+
+# PEM certificate chain and private key: with both set the server speaks
+# only TLS and the URLs are https (unset: plain http).
+# tls_cert = "/etc/berth/streaming.crt"
+# tls_key = "/etc/berth/streaming.key"
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -455,6 +472,20 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn streaming_tls_needs_both_cert_and_key() {
+        let mut c = Config::from_toml("[streaming]\ntls_cert = \"/etc/c.pem\"\n").unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "streaming.tls_cert",
+                ..
+            })
+        ));
+        c.streaming.tls_key = Some("/etc/k.pem".into());
+        assert!(c.validate().is_ok());
     }
 
     #[test]

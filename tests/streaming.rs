@@ -128,6 +128,39 @@ impl Env {
         self.rt.exec(req).await.map(|r| r.into_inner().url)
     }
 
+    /// The daemon's open file descriptors.
+    fn berth_fds(&self) -> usize {
+        self.berth_fd_targets().len()
+    }
+
+    /// What each of the daemon's fds is (for failure messages).
+    fn berth_fd_targets(&self) -> Vec<String> {
+        let pid = self.berth.pid().expect("berth runs");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some(format!("{:?} -> {}", e.file_name(), target.display()))
+            })
+            .collect()
+    }
+
+    /// Waits until the daemon holds no more fds than `baseline`: every
+    /// session's sockets, pipes and pidfds are closed once it ended.
+    async fn fds_settle(&self, baseline: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.berth_fds() > baseline {
+            assert!(
+                Instant::now() < deadline,
+                "berth holds {} fds, {baseline} before the sessions: {:#?}",
+                self.berth_fds(),
+                self.berth_fd_targets()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn finish(mut self) {
         let pods = self
             .rt
@@ -168,7 +201,10 @@ fn exec_req(id: &str, cmd: &[&str]) -> cri::ExecRequest {
 
 /// host:port and path of a streaming URL.
 fn split_url(url: &str) -> (String, String) {
-    let rest = url.strip_prefix("http://").expect("http URL");
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .expect("http(s) URL");
     let slash = rest.find('/').unwrap();
     (rest[..slash].to_string(), rest[slash..].to_string())
 }
@@ -266,8 +302,8 @@ impl Outcome {
 }
 
 /// Reads until the server closes; `on_stdout` may answer with messages.
-async fn collect(
-    ws: &mut Ws,
+async fn collect<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
     protocol: &str,
     mut on_stdout: impl FnMut(&[u8]) -> Vec<Message>,
 ) -> Outcome {
@@ -325,6 +361,29 @@ async fn exec_over_websocket_without_tty() {
         let o = collect(&mut ws, protocol, |_| vec![]).await;
         assert_eq!(o.status()["status"], "Success", "{protocol}");
         assert!(o.stdout.is_empty() && o.stderr.is_empty());
+    }
+    // The unversioned protocols: a text on the error channel on failure
+    // only.
+    for protocol in ["channel.k8s.io", "base64.channel.k8s.io"] {
+        let url = env
+            .exec_url(exec_req(
+                &id,
+                &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            ))
+            .await
+            .unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        let o = collect(&mut ws, protocol, |_| vec![]).await;
+        assert_eq!(
+            (o.out().as_str(), o.stderr.as_slice()),
+            ("out\n", &b"err\n"[..])
+        );
+        let text = String::from_utf8_lossy(&o.error);
+        assert!(text.contains("exit code 3"), "{protocol}: {text}");
+        let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+        let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+        let o = collect(&mut ws, protocol, |_| vec![]).await;
+        assert!(o.error.is_empty(), "{protocol}: {o:?}");
     }
     // A command that is not there: 127 and runc's message.
     let url = env.exec_url(exec_req(&id, &["no-such-cmd"])).await.unwrap();
@@ -473,18 +532,12 @@ fn processes(argv: &[&str]) -> Vec<i32> {
 async fn client_disconnect_kills_only_its_exec() {
     let mut env = start_with("").await;
     let id = env.container("disc", "exec sleep 1001", true).await;
-    let berth_pid = env.berth.pid().unwrap();
-    let berth_fds = move || {
-        std::fs::read_dir(format!("/proc/{berth_pid}/fd"))
-            .unwrap()
-            .count()
-    };
     // One complete exec first, so what the daemon keeps for good exists.
     let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
     let mut ws = ws_connect(&env.ns, &url, PROTOCOLS[2]).await.unwrap();
     collect(&mut ws, PROTOCOLS[2], |_| vec![]).await;
     drop(ws);
-    let baseline = berth_fds();
+    let baseline = env.berth_fds();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     for (argv, spdy) in [(["sleep", "7345"], false), (["sleep", "7346"], true)] {
@@ -514,14 +567,7 @@ async fn client_disconnect_kills_only_its_exec() {
         }
     }
     // Every fd of those sessions (sockets, pipes, pidfds) is closed.
-    while berth_fds() > baseline {
-        assert!(
-            Instant::now() < deadline,
-            "berth holds {} fds, {baseline} before the sessions",
-            berth_fds()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.fds_settle(baseline).await;
     // The container itself is untouched.
     assert_eq!(processes(&["sleep", "1001"]).len(), 1);
     let st = env
@@ -547,7 +593,7 @@ mod spdy;
 
 use bytes::BytesMut;
 use spdy::Frame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const ERROR_ID: u32 = 1;
 const STDIN_ID: u32 = 3;
@@ -555,8 +601,12 @@ const STDOUT_ID: u32 = 5;
 const STDERR_ID: u32 = 7;
 const RESIZE_ID: u32 = 9;
 
+/// What a SPDY session runs over: TCP, or a WebSocket tunnel.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
 struct SpdyClient {
-    tcp: tokio::net::TcpStream,
+    tcp: Box<dyn Conn>,
     enc: spdy::Encoder,
     dec: spdy::Decoder,
     buf: BytesMut,
@@ -600,15 +650,16 @@ impl SpdyClient {
                     .then(|| v.trim().to_string())
             })
             .unwrap_or_default();
-        Ok((
-            SpdyClient {
-                tcp,
-                enc: spdy::Encoder::default(),
-                dec: spdy::Decoder::default(),
-                buf: BytesMut::new(),
-            },
-            proto,
-        ))
+        Ok((SpdyClient::over(Box::new(tcp)), proto))
+    }
+
+    fn over(tcp: Box<dyn Conn>) -> SpdyClient {
+        SpdyClient {
+            tcp,
+            enc: spdy::Encoder::default(),
+            dec: spdy::Decoder::default(),
+            buf: BytesMut::new(),
+        }
     }
 
     async fn send(&mut self, f: Frame) {
@@ -1007,6 +1058,7 @@ async fn attach_to_a_tty_container_with_resize() {
         )
         .await;
     let protocol = "v5.channel.k8s.io";
+    let baseline = env.berth_fds();
     let url = env.attach_url(&id, true, true).await.unwrap();
     let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
     ws.send(encode(protocol, 4, br#"{"Width":91,"Height":31}"#))
@@ -1016,6 +1068,7 @@ async fn attach_to_a_tty_container_with_resize() {
     let out = ws_read_until(&mut ws, protocol, "31 91\r\n").await;
     assert!(out.contains("x\r\n"), "the terminal echoes input: {out:?}");
     drop(ws);
+    env.fds_settle(baseline).await;
     assert_eq!(
         env.state(&id).await.state,
         cri::ContainerState::ContainerRunning as i32
@@ -1025,18 +1078,25 @@ async fn attach_to_a_tty_container_with_resize() {
 
 // ---- PortForward ----
 
+#[allow(dead_code)]
+#[path = "../src/streaming/wsbridge.rs"]
+mod wsbridge;
+
 impl Env {
-    async fn port_forward(&mut self, pod: &str) -> (SpdyClient, String) {
-        let url = self
-            .rt
+    async fn port_forward_url(&mut self, pod: &str, ports: &[i32]) -> String {
+        self.rt
             .port_forward(cri::PortForwardRequest {
                 pod_sandbox_id: pod.into(),
-                port: vec![8080],
+                port: ports.to_vec(),
             })
             .await
             .unwrap()
             .into_inner()
-            .url;
+            .url
+    }
+
+    async fn port_forward(&mut self, pod: &str) -> (SpdyClient, String) {
+        let url = self.port_forward_url(pod, &[8080]).await;
         SpdyClient::connect(&self.ns, &url, &["portforward.k8s.io"])
             .await
             .unwrap()
@@ -1085,6 +1145,46 @@ impl SpdyClient {
         }
         got
     }
+
+    /// Three connections to `port` (an echo server) at once, one of them
+    /// 4 MiB: each gets back exactly what it sent.
+    async fn parallel_transfers(&mut self, port: u16) {
+        let sizes = [4 << 20, 100_000, 3];
+        let mut ids = Vec::new();
+        for k in 0..sizes.len() {
+            ids.push(self.open_pair(k as u32, port).await);
+        }
+        let mut fins = Vec::new();
+        for (k, &len) in sizes.iter().enumerate() {
+            let (error, data) = ids[k];
+            for chunk in pattern(k as u32, len).chunks(64 * 1024) {
+                self.send(Frame::Data {
+                    stream: data,
+                    fin: false,
+                    data: chunk.to_vec(),
+                })
+                .await;
+            }
+            self.send(Frame::Data {
+                stream: data,
+                fin: true,
+                data: Vec::new(),
+            })
+            .await;
+            fins.push(error);
+            fins.push(data);
+        }
+        let got = self.read_until_fin(&fins).await;
+        for (k, &len) in sizes.iter().enumerate() {
+            let (error, data) = ids[k];
+            assert_eq!(sha(&got[&data]), sha(&pattern(k as u32, len)), "stream {k}");
+            assert!(
+                got.get(&error).is_none_or(|e| e.is_empty()),
+                "stream {k}: {:?}",
+                got.get(&error)
+            );
+        }
+    }
 }
 
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
@@ -1118,6 +1218,7 @@ async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
         )
         .await;
     let pod = env.last_pod.clone();
+    let baseline = env.berth_fds();
     // Until the echo server listens, the error stream says so.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -1146,42 +1247,9 @@ async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
 
     // Three connections over one SPDY session, one of them 4 MiB.
     let (mut c, _) = env.port_forward(&pod).await;
-    let sizes = [4 << 20, 100_000, 3];
-    let mut ids = Vec::new();
-    for (k, &len) in sizes.iter().enumerate() {
-        ids.push(c.open_pair(k as u32, 8080).await);
-        let _ = len;
-    }
-    let mut fins = Vec::new();
-    for (k, &len) in sizes.iter().enumerate() {
-        let (error, data) = ids[k];
-        for chunk in pattern(k as u32, len).chunks(64 * 1024) {
-            c.send(Frame::Data {
-                stream: data,
-                fin: false,
-                data: chunk.to_vec(),
-            })
-            .await;
-        }
-        c.send(Frame::Data {
-            stream: data,
-            fin: true,
-            data: Vec::new(),
-        })
-        .await;
-        fins.push(error);
-        fins.push(data);
-    }
-    let got = c.read_until_fin(&fins).await;
-    for (k, &len) in sizes.iter().enumerate() {
-        let (error, data) = ids[k];
-        assert_eq!(sha(&got[&data]), sha(&pattern(k as u32, len)), "stream {k}");
-        assert!(
-            got.get(&error).is_none_or(|e| e.is_empty()),
-            "stream {k}: {:?}",
-            got.get(&error)
-        );
-    }
+    c.parallel_transfers(8080).await;
+    drop(c);
+    env.fds_settle(baseline).await;
 
     // A port nobody listens on: the error stream says so.
     let (mut c, _) = env.port_forward(&pod).await;
@@ -1189,55 +1257,64 @@ async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
     let got = c.read_until_fin(&[error, data]).await;
     let err = String::from_utf8_lossy(&got[&error]).into_owned();
     assert!(err.contains("8081"), "{err:?}");
+    drop(c);
 
     // The WebSocket protocol: channel 2i data, 2i+1 errors of the i-th
     // port of the query; each channel starts with its port (LE u16).
-    let url = env
-        .rt
-        .port_forward(cri::PortForwardRequest {
-            pod_sandbox_id: pod.clone(),
-            port: vec![8080, 8081],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
-    let protocol = "v4.channel.k8s.io";
-    let mut ws = ws_connect(&env.ns, &format!("{url}?port=8080&port=8081"), protocol)
-        .await
-        .unwrap();
-    let mut firsts = Vec::new();
-    let mut error_8081 = Vec::new();
-    while firsts.len() < 4 || error_8081.is_empty() {
-        let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
-        if firsts.iter().any(|(c, _)| *c == ch) {
-            assert_eq!(ch, 3, "only 8081's error channel says more");
-            error_8081.extend_from_slice(&data);
-        } else {
-            firsts.push((ch, data));
+    for protocol in ["v4.channel.k8s.io", "v4.base64.channel.k8s.io"] {
+        let url = env.port_forward_url(&pod, &[8080, 8081]).await;
+        let mut ws = ws_connect(&env.ns, &format!("{url}?port=8080&port=8081"), protocol)
+            .await
+            .unwrap();
+        let mut firsts = Vec::new();
+        let mut error_8081 = Vec::new();
+        while firsts.len() < 4 || error_8081.is_empty() {
+            let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
+            if firsts.iter().any(|(c, _)| *c == ch) {
+                assert_eq!(ch, 3, "only 8081's error channel says more");
+                error_8081.extend_from_slice(&data);
+            } else {
+                firsts.push((ch, data));
+            }
         }
+        firsts.sort();
+        assert_eq!(
+            firsts,
+            vec![
+                (0, 8080u16.to_le_bytes().to_vec()),
+                (1, 8080u16.to_le_bytes().to_vec()),
+                (2, 8081u16.to_le_bytes().to_vec()),
+                (3, 8081u16.to_le_bytes().to_vec()),
+            ],
+            "{protocol}"
+        );
+        assert!(String::from_utf8_lossy(&error_8081).contains("8081"));
+        ws.send(encode(protocol, 0, b"over websocket\n"))
+            .await
+            .unwrap();
+        let mut echoed = Vec::new();
+        while echoed != b"over websocket\n" {
+            let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
+            assert_eq!(ch, 0);
+            echoed.extend_from_slice(&data);
+        }
+        drop(ws);
     }
-    firsts.sort();
-    assert_eq!(
-        firsts,
-        vec![
-            (0, 8080u16.to_le_bytes().to_vec()),
-            (1, 8080u16.to_le_bytes().to_vec()),
-            (2, 8081u16.to_le_bytes().to_vec()),
-            (3, 8081u16.to_le_bytes().to_vec()),
-        ]
-    );
-    assert!(String::from_utf8_lossy(&error_8081).contains("8081"));
-    ws.send(encode(protocol, 0, b"over websocket\n"))
+    env.fds_settle(baseline).await;
+
+    // kubectl >= 1.30: the SPDY session tunnelled in WebSocket binary
+    // messages, parallel streams and all.
+    let url = env.port_forward_url(&pod, &[8080]).await;
+    let ws = ws_connect(&env.ns, &url, "SPDY/3.1+portforward.k8s.io")
         .await
         .unwrap();
-    let mut echoed = Vec::new();
-    while echoed != b"over websocket\n" {
-        let (ch, data) = decode(protocol, ws.next().await.unwrap().unwrap()).unwrap();
-        assert_eq!(ch, 0);
-        echoed.extend_from_slice(&data);
-    }
-    drop(ws);
+    let (local, tunnel) = tokio::io::duplex(64 * 1024);
+    let pump = tokio::spawn(wsbridge::bridge(ws, tunnel));
+    let mut c = SpdyClient::over(Box::new(local));
+    c.parallel_transfers(8080).await;
+    drop(c);
+    pump.await.unwrap();
+    env.fds_settle(baseline).await;
 
     // Unknown pod.
     let e = env
@@ -1249,5 +1326,195 @@ async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    env.finish().await;
+}
+
+// ---- End of input on a terminal ----
+
+#[tokio::test]
+async fn closing_stdin_of_a_tty_exec_is_end_of_input() {
+    let mut env = start_with("").await;
+    let id = env.container("ttyeof", "exec sleep 1000", true).await;
+    let mut tty_cat = exec_req(&id, &["cat"]);
+    tty_cat.tty = true;
+    tty_cat.stdin = true;
+    tty_cat.stderr = false;
+
+    // WebSocket v5: a line, then the close signal for stdin; cat ends.
+    let protocol = "v5.channel.k8s.io";
+    let url = env.exec_url(tty_cat.clone()).await.unwrap();
+    let mut ws = ws_connect(&env.ns, &url, protocol).await.unwrap();
+    ws.send(encode(protocol, 0, b"hello\r")).await.unwrap();
+    ws.send(encode(protocol, 255, &[0])).await.unwrap();
+    let o = collect(&mut ws, protocol, |_| vec![]).await;
+    // The terminal's echo and cat's copy.
+    assert_eq!(o.out().matches("hello\r\n").count(), 2, "{:?}", o.out());
+    assert_eq!(o.status()["status"], "Success");
+
+    // SPDY: the stdin stream's FIN in the middle of a line; the line still
+    // reaches cat, then the end of input.
+    let url = env.exec_url(tty_cat).await.unwrap();
+    let (mut c, _) = SpdyClient::connect(&env.ns, &url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    c.open(ERROR_ID, "error").await;
+    c.open(STDIN_ID, "stdin").await;
+    c.open(STDOUT_ID, "stdout").await;
+    c.open(RESIZE_ID, "resize").await;
+    c.send(stdin_frame(b"partial", true)).await;
+    let o = c.collect(|_| vec![]).await;
+    assert_eq!(o.out().matches("partial").count(), 2, "{:?}", o.out());
+    assert_eq!(o.status()["status"], "Success");
+    env.finish().await;
+}
+
+// ---- Attach without a monitor ----
+
+#[tokio::test]
+async fn attach_when_the_monitor_is_gone() {
+    let mut env = start_with("").await;
+    let id = env
+        .container_with(
+            "nomon",
+            cri::ContainerConfig {
+                command: vec!["sleep".into(), "1002".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    let sockets = env.berth.state_dir.join("monitors");
+    let sock = sockets.join(format!("{id}.sock"));
+    assert!(sock.exists(), "{}", sock.display());
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            env.berth
+                .root
+                .join("containers")
+                .join(&id)
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let monitor = rec["monitor"]["pid"].as_i64().expect("monitor pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Dead (a zombie has closed its fds) or reaped already.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(format!("/proc/{monitor}/stat"))
+        .is_ok_and(|st| !matches!(st.rsplit_once(") ").map(|(_, r)| &r[..1]), Some("Z" | "X")))
+    {
+        assert!(Instant::now() < deadline, "the monitor survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Refused, naming the container, whether or not its exit has been
+    // noticed yet.
+    let e = env.attach_url(&id, false, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&id), "{e:?}");
+    // Its socket is swept once the exit is recorded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sock.exists() {
+        assert!(Instant::now() < deadline, "{} left behind", sock.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A socket no container owns (as a crash leaves) goes at startup.
+    let stray = sockets.join("0123456789abcdef.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stray).unwrap());
+    assert!(stray.exists());
+    env.berth.restart();
+    env.rt = env.berth.runtime_client().await;
+    assert!(!stray.exists(), "{} survived a restart", stray.display());
+    env.finish().await;
+}
+
+// ---- TLS ----
+
+/// A TLS connection to the streaming server, trusting only `ca_pem`.
+async fn tls_connect(
+    ns: &Netns,
+    hostport: &str,
+    ca_pem: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = hostport.rsplit_once(':').unwrap().0.to_string();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from(host).unwrap(), connect(ns, hostport))
+        .await
+        .unwrap()
+}
+
+/// Runs the exec of `url` over TLS and WebSocket.
+async fn exec_over_tls(ns: &Netns, url: &str, ca_pem: &str, protocol: &str) -> Outcome {
+    let (hostport, path) = split_url(url);
+    let tls = tls_connect(ns, &hostport, ca_pem).await;
+    let mut req = format!("ws://{hostport}{path}")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    collect(&mut ws, protocol, |_| vec![]).await
+}
+
+#[tokio::test]
+async fn exec_over_tls_and_plain_http_is_refused() {
+    let (ca, cert, key) = make_tls_cert();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let mut env = start_with(&format!(
+        "[streaming]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    ))
+    .await;
+    let id = env.container("tls", "exec sleep 1000", true).await;
+    let protocol = PROTOCOLS[0];
+    let url = env
+        .exec_url(exec_req(&id, &["sh", "-c", "echo secret; exit 2"]))
+        .await
+        .unwrap();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let o = exec_over_tls(&env.ns, &url, &ca, protocol).await;
+    assert_eq!(o.out(), "secret\n");
+    assert_eq!(o.status()["details"]["causes"][0]["message"], "2");
+
+    // Plain HTTP on that port gets no HTTP answer (the TLS handshake fails)
+    // and does not use the token up: it still works over TLS afterwards.
+    let url = env.exec_url(exec_req(&id, &["true"])).await.unwrap();
+    let (hostport, path) = split_url(&url);
+    let mut tcp = connect(&env.ns, &hostport);
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(ws_connect(&env.ns, &url, protocol).await.is_err());
+    assert_eq!(
+        exec_over_tls(&env.ns, &url, &ca, protocol).await.status()["status"],
+        "Success"
+    );
     env.finish().await;
 }

@@ -335,6 +335,11 @@ impl ContainerManager {
                 }
             }
         }
+        crate::monitor::attach::sweep(&self.sockets_dir, |id| {
+            lock(&self.records)
+                .get(id)
+                .is_some_and(|r| r.state != ContainerState::Exited)
+        });
     }
 
     /// Whether the init has left the exec fifo and run the workload: until
@@ -389,6 +394,8 @@ impl ContainerManager {
     }
 
     fn monitor_exited(&self, id: &str) {
+        // A monitor that was killed leaves its attach socket behind.
+        let _ = std::fs::remove_file(self.attach_socket(id));
         let exit: Option<ExitRecord> = read_json(&self.cdir(id).join("exit.json")).ok().flatten();
         // Persisted under the lock: whoever sees Exited (RemoveContainer)
         // may delete the directory at once, so the write must be done by then.
@@ -983,6 +990,7 @@ impl ContainerManager {
         };
         self.stop(&rec.id, Duration::ZERO).await?;
         let rec = self.get(&rec.id)?;
+        let _ = std::fs::remove_file(self.attach_socket(&rec.id));
         if let Some(cg) = &rec.cgroup {
             self.cgroups
                 .remove(cg)

@@ -228,6 +228,34 @@ impl Drop for Attach {
     }
 }
 
+/// Removes the attach sockets in `dir` (`<id>.sock`) whose container is
+/// not `live`, and those nobody accepts on any more: a monitor that was
+/// killed leaves its socket behind.
+pub fn sweep(dir: &Path, live: impl Fn(&str) -> bool) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(id) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".sock"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        // Connecting to a socket whose listener is gone fails at once.
+        let stale = !live(&id)
+            || matches!(UnixStream::connect(&path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+        if stale {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("remove stale attach socket {}: {e}", path.display());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +274,25 @@ mod tests {
         assert!(buf.is_empty());
         let mut bad = vec![0, 0xff, 0xff, 0xff, 0xff];
         assert!(take_frames(&mut bad).is_none());
+    }
+
+    #[test]
+    fn sweep_removes_stale_and_unowned_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.sock");
+        let _listening = UnixListener::bind(&live).unwrap();
+        let owned_by_none = dir.path().join("gone.sock");
+        drop(UnixListener::bind(&owned_by_none).unwrap());
+        let dead = dir.path().join("dead.sock");
+        drop(UnixListener::bind(&dead).unwrap());
+        let unowned_live = dir.path().join("other.sock");
+        let _other = UnixListener::bind(&unowned_live).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "").unwrap();
+        sweep(dir.path(), |id| id == "live" || id == "dead");
+        assert!(live.exists());
+        assert!(!owned_by_none.exists());
+        assert!(!dead.exists());
+        assert!(!unowned_live.exists());
+        assert!(dir.path().join("notes.txt").exists());
     }
 }

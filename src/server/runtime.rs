@@ -525,6 +525,17 @@ impl RuntimeService for RuntimeApi {
                 .containers
                 .running(&req.container_id)
                 .map_err(container::status_of)?;
+            // Attach goes through the monitor: refused now, not after the
+            // client connected, when the monitor is gone (killed; its exit
+            // may not be recorded yet).
+            let sock = self.0.containers.attach_socket(&rec.id);
+            if let Err(e) = tokio::net::UnixStream::connect(&sock).await {
+                return Err(Status::failed_precondition(format!(
+                    "Attach to container {}: its monitor is gone ({}: {e})",
+                    rec.id,
+                    sock.display()
+                )));
+            }
             let url = self
                 .0
                 .streaming

@@ -1,7 +1,7 @@
-//! The streaming server: the URLs that Exec (and later Attach and
-//! PortForward) return point here. Plain HTTP/1.1 (hyper) whose requests
-//! must upgrade to WebSocket or SPDY/3.1; each URL carries a single-use
-//! token that expires if unused.
+//! The streaming server: the URLs that Exec, Attach and PortForward return
+//! point here. HTTP/1.1 (hyper), over TLS when a certificate is configured,
+//! whose requests must upgrade to WebSocket or SPDY/3.1; each URL carries a
+//! single-use token that expires if unused.
 
 mod portforward;
 mod session;
@@ -10,6 +10,7 @@ mod spdy_exec;
 mod status;
 mod tokens;
 mod websocket;
+mod wsbridge;
 
 use crate::config::StreamingConfig;
 use crate::container::{ContainerManager, ExecIoRequest};
@@ -24,13 +25,21 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokens::Tokens;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
-/// How long a client may take to send its request headers.
+/// How long a client may take to send its request headers (and, with
+/// TLS, to complete its handshake).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The WebSocket subprotocol of kubectl's port forwarding since 1.30: the
+/// SPDY/3.1 session of `portforward.k8s.io` carried in binary messages.
+const SPDY_TUNNEL_PORTFORWARD: &str = "SPDY/3.1+portforward.k8s.io";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamingError {
@@ -44,6 +53,8 @@ pub enum StreamingError {
         tokens::MAX_PENDING
     )]
     TooManyPending,
+    #[error("streaming server: TLS with {}: {reason}", path.display())]
+    Tls { path: PathBuf, reason: String },
 }
 
 /// A request waiting for its client to connect.
@@ -87,6 +98,8 @@ pub struct Streaming {
     addr: SocketAddr,
     containers: Arc<ContainerManager>,
     idle: Duration,
+    /// Set when serving https.
+    tls: Option<TlsAcceptor>,
 }
 
 impl Streaming {
@@ -95,6 +108,10 @@ impl Streaming {
         cfg: &StreamingConfig,
         containers: Arc<ContainerManager>,
     ) -> Result<Arc<Streaming>, StreamingError> {
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
         let want = SocketAddr::new(cfg.address, cfg.port);
         let listen = |source| StreamingError::Listen { addr: want, source };
         let listener = tokio::net::TcpListener::bind(want).await.map_err(listen)?;
@@ -104,8 +121,9 @@ impl Streaming {
             addr,
             containers,
             idle: Duration::from_secs(cfg.idle_timeout_secs),
+            tls,
         });
-        tracing::info!(%addr, "streaming server listening");
+        tracing::info!(%addr, tls = s.tls.is_some(), "streaming server listening");
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
         tokio::spawn(s.clone().accept(listener, limit));
         Ok(s)
@@ -122,7 +140,8 @@ impl Streaming {
             .tokens
             .insert(pending)
             .ok_or(StreamingError::TooManyPending)?;
-        Ok(format!("http://{}/{kind}/{token}", self.addr))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}/{kind}/{token}", self.addr))
     }
 
     async fn accept(self: Arc<Self>, listener: tokio::net::TcpListener, limit: Arc<Semaphore>) {
@@ -143,17 +162,37 @@ impl Streaming {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| me.clone().handle(req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, "streaming connection: {e}");
+                match me.tls.clone() {
+                    None => me.serve_connection(tcp, peer).await,
+                    // A client speaking plain HTTP fails the handshake: its
+                    // connection is closed without an HTTP answer.
+                    Some(tls) => {
+                        match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await {
+                            Ok(Ok(stream)) => me.serve_connection(stream, peer).await,
+                            Ok(Err(e)) => tracing::debug!(%peer, "streaming server: TLS: {e}"),
+                            Err(_) => {
+                                tracing::debug!(%peer, "streaming server: TLS handshake timed out")
+                            }
+                        }
+                    }
                 }
                 drop(permit);
             });
+        }
+    }
+
+    async fn serve_connection<IO>(self: Arc<Self>, io: IO, peer: SocketAddr)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req| self.clone().handle(req));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, "streaming connection: {e}");
         }
     }
 
@@ -248,16 +287,7 @@ impl Streaming {
                 Err(e) => tracing::warn!(container = %id, "exec: upgrade failed: {e}"),
             }
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(proto.name));
-        if let Ok(v) = HeaderValue::from_str(&accept) {
-            h.insert(SEC_WEBSOCKET_ACCEPT, v);
-        }
-        resp
+        websocket_accepted(&accept, Some(proto.name))
     }
 
     fn port_forward(
@@ -270,6 +300,12 @@ impl Streaming {
             .unwrap_or_default()
             .to_ascii_lowercase();
         if upgrade == "websocket" {
+            if offered_list(&req, SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .any(|p| p == SPDY_TUNNEL_PORTFORWARD)
+            {
+                return self.port_forward_tunnel(req, pod_id, netns);
+            }
             return self.port_forward_ws(req, pod_id, netns);
         }
         if !upgrade.starts_with("spdy/3.1") {
@@ -278,15 +314,7 @@ impl Streaming {
                 "port-forward: a SPDY/3.1 or WebSocket upgrade is required\n",
             );
         }
-        let offered: Vec<String> = req
-            .headers()
-            .get_all(STREAM_PROTOCOL_VERSION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .collect();
+        let offered = offered_list(&req, STREAM_PROTOCOL_VERSION);
         if !offered.is_empty() && !offered.iter().any(|o| o == portforward::PROTOCOL) {
             return reply(
                 StatusCode::FORBIDDEN,
@@ -342,15 +370,7 @@ impl Streaming {
                 )
             }
         };
-        let offered: Vec<String> = req
-            .headers()
-            .get_all(SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .collect();
+        let offered = offered_list(&req, SEC_WEBSOCKET_PROTOCOL);
         // The binary protocol is also what a client offering none gets.
         let chosen = if offered.is_empty() {
             Some(None)
@@ -385,18 +405,47 @@ impl Streaming {
                 Err(e) => tracing::warn!(pod = %pod_id, "port-forward: upgrade failed: {e}"),
             }
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Some((name, _)) = chosen {
-            h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(name));
-        }
-        if let Ok(v) = HeaderValue::from_str(&accept) {
-            h.insert(SEC_WEBSOCKET_ACCEPT, v);
-        }
-        resp
+        websocket_accepted(&accept, chosen.map(|c| c.0))
+    }
+
+    /// kubectl's SPDY over WebSocket: the WebSocket carries the same SPDY
+    /// session as a direct SPDY/3.1 upgrade would.
+    fn port_forward_tunnel(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        pod_id: String,
+        netns: Option<PathBuf>,
+    ) -> Response<Full<Bytes>> {
+        let Some(key) = header(&req, SEC_WEBSOCKET_KEY) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "port-forward: Sec-WebSocket-Key is missing\n",
+            );
+        };
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let idle = self.idle;
+        let on_upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            let up = match on_upgrade.await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::warn!(pod = %pod_id, "port-forward: upgrade failed: {e}");
+                    return;
+                }
+            };
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            let (local, session) = tokio::io::duplex(64 * 1024);
+            let spdy = tokio::spawn(portforward::serve(session, netns, idle));
+            wsbridge::bridge(ws, local).await;
+            // Its end of the pipe is closed: the session ends with its streams.
+            let _ = spdy.await;
+        });
+        websocket_accepted(&accept, Some(SPDY_TUNNEL_PORTFORWARD))
     }
 
     async fn exec_spdy(
@@ -468,9 +517,9 @@ impl Streaming {
                 let path = self.containers.attach_socket(id);
                 let sock = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
                     (
-                        StatusCode::INTERNAL_SERVER_ERROR,
+                        StatusCode::SERVICE_UNAVAILABLE,
                         format!(
-                            "attach to container {id}: connect {}: {e}\n",
+                            "attach to container {id}: its monitor is gone ({}: {e})\n",
                             path.display()
                         ),
                     )
@@ -513,6 +562,68 @@ fn header<B>(req: &Request<B>, name: hyper::header::HeaderName) -> Option<String
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
+}
+
+/// The comma-separated values of every `name` header, in order.
+fn offered_list<B, K: hyper::header::AsHeaderName>(req: &Request<B>, name: K) -> Vec<String> {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// The 101 answer to a WebSocket upgrade.
+fn websocket_accepted(accept: &str, protocol: Option<&'static str>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Some(p) = protocol {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    if let Ok(v) = HeaderValue::from_str(accept) {
+        h.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+/// The rustls server configuration of a PEM certificate chain and key.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StreamingError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: String| StreamingError::Tls { path, reason: e }
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())
+        .map_err(bad(cert))?;
+    if certs.is_empty() {
+        return Err(bad(cert)("no certificate in the file".into()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| e.to_string())
+        .map_err(bad(key))?;
+    // The provider named, not the process default: aws-lc-rs is the one
+    // rustls is built with here (reqwest's choice).
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map_err(bad(cert))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| e.to_string())
+        .map_err(bad(cert))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
 fn reply(code: StatusCode, msg: &str) -> Response<Full<Bytes>> {

@@ -255,25 +255,64 @@ async fn feed(
     mut stdin: Option<Arc<AsyncFd<OwnedFd>>>,
     pty: Option<Arc<AsyncFd<OwnedFd>>>,
 ) {
+    // Whether the terminal's current line is empty: its EOF character only
+    // ends input at the start of a line (elsewhere it submits the line).
+    let mut line_start = true;
     while let Some(input) = rx.recv().await {
         match input {
             Input::Stdin(data) => {
-                let target = stdin.as_ref().or(pty.as_ref());
-                if let Some(fd) = target {
+                if let Some(fd) = &stdin {
                     if write_all(fd, &data).await.is_err() {
                         // The reader is gone; further input is dropped.
                         stdin = None;
                     }
-                }
-            }
-            Input::StdinEof => stdin = None,
-            Input::Resize { width, height } => {
-                if let Some(m) = &pty {
-                    if let Err(e) = crate::linux::pty::resize(m.get_ref(), width, height) {
-                        tracing::debug!("{e}");
+                } else if let Some(m) = &pty {
+                    if write_all(m, &data).await.is_ok() {
+                        line_start = matches!(data.last(), Some(b'\n' | b'\r'));
                     }
                 }
             }
+            Input::StdinEof => {
+                drop(stdin.take());
+                if let Some(m) = &pty {
+                    // A terminal has no end of input to close: like a user's
+                    // ^D, its EOF character is what the reader takes for it.
+                    let eof = terminal_eof_char(m.get_ref());
+                    let eofs: &[u8] = if line_start { &[eof] } else { &[eof, eof] };
+                    if let Err(e) = write_all(m, eofs).await {
+                        tracing::debug!("exec: send EOF to the terminal: {e}");
+                    }
+                }
+                drain_resizes(&mut rx, pty.as_deref()).await;
+                return;
+            }
+            Input::Resize { width, height } => resize(pty.as_deref(), width, height),
         }
     }
+}
+
+/// After the end of input only resizes matter.
+async fn drain_resizes(rx: &mut mpsc::UnboundedReceiver<Input>, pty: Option<&AsyncFd<OwnedFd>>) {
+    while let Some(input) = rx.recv().await {
+        if let Input::Resize { width, height } = input {
+            resize(pty, width, height);
+        }
+    }
+}
+
+fn resize(pty: Option<&AsyncFd<OwnedFd>>, width: u16, height: u16) {
+    if let Some(m) = pty {
+        if let Err(e) = crate::linux::pty::resize(m.get_ref(), width, height) {
+            tracing::debug!("{e}");
+        }
+    }
+}
+
+/// The terminal's VEOF character (^D unless the program changed it).
+fn terminal_eof_char(master: &OwnedFd) -> u8 {
+    rustix::termios::tcgetattr(master)
+        .map(|t| t.special_codes[rustix::termios::SpecialCodeIndex::VEOF])
+        .ok()
+        .filter(|c| *c != 0)
+        .unwrap_or(0x04)
 }
