@@ -123,10 +123,7 @@ fn entries(p: std::path::PathBuf) -> Vec<String> {
 #[tokio::test]
 async fn kill_at_every_step_then_recover() {
     let Env {
-        mut berth,
-        reg,
-        ns,
-        ..
+        mut berth, reg, ns, ..
     } = Env::start(&["busybox"]).await;
 
     // A pod and a running container that must survive every crash below.

@@ -6,122 +6,51 @@ mod common;
 
 use common::*;
 use cri_proto::v1 as cri;
-use cri_proto::v1::runtime_service_client::RuntimeServiceClient;
 use futures::{SinkExt, StreamExt};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const IMAGE: &str = "127.0.0.1:5000/busybox:latest";
 
-struct Env {
-    berth: Berth,
-    reg: Registry,
-    ns: Netns,
-    rt: RuntimeServiceClient<Channel>,
-    logs: PathBuf,
-    /// The pod of the last container made.
-    last_pod: String,
-}
-
 async fn start_with(config_toml: &str) -> Env {
-    let ns = Netns::new();
-    let reg = Registry::start(&ns, RegistryOpts::default());
-    reg.push("busybox", "busybox:latest");
-    let berth = Berth::start(
-        &ns,
+    Env::start_with(
+        &["busybox"],
         BerthOpts {
             config_toml: config_toml.into(),
-            registries_conf: Some(
-                "[[registry]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n".into(),
-            ),
             ..Default::default()
         },
-    );
-    let mut im = berth.image_client().await;
-    im.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+    )
     .await
-    .unwrap();
-    let rt = berth.runtime_client().await;
-    let logs = berth.dir.join("pod-logs");
-    Env {
-        berth,
-        reg,
-        ns,
-        rt,
-        logs,
-        last_pod: String::new(),
-    }
 }
 
 impl Env {
-    fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: format!("{name}-host"),
-            log_directory: self.logs.join(name).display().to_string(),
-            ..Default::default()
-        }
-    }
-
-    /// A pod with one container running `script`; its id.
+    /// A pod named `name` with one container "c" running `script`; its id.
     async fn container(&mut self, name: &str, script: &str, start: bool) -> String {
-        let pod = self
-            .rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(self.pod_config(name)),
-                runtime_handler: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod,
-                config: Some(cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: "c".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: IMAGE.into(),
-                        ..Default::default()
-                    }),
-                    command: vec!["sh".into(), "-c".into(), script.into()],
-                    log_path: "c/0.log".into(),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(self.pod_config(name)),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
+        let pod = self.pod(name).await;
+        let id = self.create(&pod, sh("c", IMAGE, script)).await.unwrap();
         if start {
-            self.rt
-                .start_container(cri::StartContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .unwrap();
+            self.start_container(&id).await;
         }
         id
+    }
+
+    /// The pod of container `id`.
+    async fn pod_of(&mut self, id: &str) -> String {
+        let list = self
+            .rt
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    id: id.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+        list[0].pod_sandbox_id.clone()
     }
 
     async fn exec_url(&mut self, req: cri::ExecRequest) -> Result<String, tonic::Status> {
@@ -159,32 +88,6 @@ impl Env {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    async fn finish(mut self) {
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            self.rt
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await
-                .unwrap();
-        }
-        let dir = self.berth.dir.clone();
-        let Env {
-            berth, reg, ns, rt, ..
-        } = self;
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
     }
 }
 
@@ -847,45 +750,14 @@ async fn exec_over_spdy_with_stdin_tty_and_resize() {
 // ---- Attach ----
 
 impl Env {
+    /// A pod named `name` with one started container "c" made from `cfg`.
     async fn container_with(&mut self, name: &str, mut cfg: cri::ContainerConfig) -> String {
-        let pod = self
-            .rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(self.pod_config(name)),
-                runtime_handler: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
-        cfg.metadata = Some(cri::ContainerMetadata {
-            name: "c".into(),
-            attempt: 0,
-        });
-        cfg.image = Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        });
-        cfg.log_path = "c/0.log".into();
-        self.last_pod = pod.clone();
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod,
-                config: Some(cfg),
-                sandbox_config: Some(self.pod_config(name)),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
-        id
+        let pod = self.pod(name).await;
+        let base = sh("c", IMAGE, "");
+        cfg.metadata = base.metadata;
+        cfg.image = base.image;
+        cfg.log_path = base.log_path;
+        self.run(&pod, cfg).await
     }
 
     async fn attach_url(
@@ -904,19 +776,6 @@ impl Env {
             })
             .await
             .map(|r| r.into_inner().url)
-    }
-
-    async fn state(&mut self, id: &str) -> cri::ContainerStatus {
-        self.rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap()
     }
 }
 
@@ -965,7 +824,7 @@ async fn attach_streams_output_and_survives_a_daemon_restart() {
     drop(ws);
     // Detaching leaves the container running.
     assert_eq!(
-        env.state(&id).await.state,
+        env.status(&id).await.state,
         cri::ContainerState::ContainerRunning as i32
     );
     // Unknown container; not running.
@@ -1028,7 +887,7 @@ async fn attach_stdin_once_over_spdy() {
     drop(c);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let st = env.state(&id).await;
+        let st = env.status(&id).await;
         if st.state == cri::ContainerState::ContainerExited as i32 {
             assert_eq!(st.exit_code, 0);
             break;
@@ -1070,7 +929,7 @@ async fn attach_to_a_tty_container_with_resize() {
     drop(ws);
     env.fds_settle(baseline).await;
     assert_eq!(
-        env.state(&id).await.state,
+        env.status(&id).await.state,
         cri::ContainerState::ContainerRunning as i32
     );
     env.finish().await;
@@ -1201,7 +1060,7 @@ fn sha(b: &[u8]) -> String {
 #[tokio::test]
 async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
     let mut env = start_with("").await;
-    let _ = env
+    let id = env
         .container_with(
             "pf",
             cri::ContainerConfig {
@@ -1217,7 +1076,7 @@ async fn port_forward_over_spdy_parallel_streams_and_a_large_transfer() {
             },
         )
         .await;
-    let pod = env.last_pod.clone();
+    let pod = env.pod_of(&id).await;
     let baseline = env.berth_fds();
     // Until the echo server listens, the error stream says so.
     let deadline = Instant::now() + Duration::from_secs(20);
