@@ -41,6 +41,14 @@ pub struct Config {
     pub container: ContainerConfig,
     pub network: crate::network::NetworkConfig,
     pub streaming: StreamingConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where the Prometheus endpoint (GET /metrics) listens; unset: off.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +155,7 @@ impl Default for Config {
             container: ContainerConfig::default(),
             network: crate::network::NetworkConfig::default(),
             streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -386,6 +395,12 @@ max_connections = {s_max}
 # only TLS and the URLs are https (unset: plain http).
 # tls_cert = "/etc/berth/streaming.crt"
 # tls_key = "/etc/berth/streaming.key"
+
+[metrics]
+# Prometheus text endpoint (GET /metrics): RPC counts, errors and latencies,
+# pods and containers by state, image pulls, berth's processes, memory and
+# fds. Off unless an address is set, e.g.
+# address = "127.0.0.1:9405"
 "#,
         socket = d.socket.display(),
         root = d.root.display(),

@@ -7,6 +7,7 @@ mod container;
 mod failpoint;
 mod image;
 mod linux;
+mod metrics;
 mod monitor;
 mod network;
 mod pod;

@@ -478,6 +478,20 @@ def build_all(out, busybox_bytes, log):
     simple("evil-hardlink-dotdot", [bb, Layer(
         [hard("x", "../../../../etc/passwd")], comment="dotdot hardlink")])
 
+    # volume-data: one layer, no busybox, for image volumes (a bind of the
+    # single layer) and their sub paths, including ones that escape.
+    big = bytes(range(256)) * (4 * 4096)
+    simple("volume-data", [Layer([
+        d("data"),
+        f("data/hello", "hello from an image volume\n"),
+        d("data/sub"),
+        f("data/sub/c", "c\n"),
+        f("data/big", big),
+        sym("data/rel", "sub"),
+        sym("data/up", "../.."),
+        sym("data/abs", "/etc"),
+    ], comment="image volume data, escaping symlinks")])
+
     return built
 
 

@@ -297,3 +297,224 @@ async fn streaming_lists_20000_containers() {
     drop(reg);
     ns.assert_no_leaks(&d);
 }
+
+/// Every message of a server stream.
+async fn drain<T>(s: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>) -> Vec<T> {
+    let mut s = s.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        out.push(m);
+    }
+    out
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// StreamContainerStats, StreamPodSandboxStats and StreamPodSandboxMetrics
+/// answer for the same objects as their unary twins, filters included.
+/// (Samples are taken anew by each call, so objects and attributes are
+/// compared, not the usage figures.)
+#[tokio::test]
+async fn streaming_stats_match_the_unary_twins() {
+    let (ns, reg, berth) = start().await;
+    let mut rt = berth.runtime_client().await;
+    let mut pods = Vec::new();
+    let mut ctrs = Vec::new();
+    for name in ["sa", "sb"] {
+        let pod = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod_config(name)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        for c in ["c1", "c2"] {
+            let id = container(&mut rt, &pod, name, c, "sleep 1000").await;
+            rt.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+            ctrs.push(id);
+        }
+        pods.push(pod);
+    }
+
+    let mut im = berth.image_client().await;
+    for filter in [
+        None,
+        Some(cri::ImageFilter {
+            image: Some(cri::ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+        }),
+    ] {
+        let unary = sorted(
+            im.list_images(cri::ListImagesRequest {
+                filter: filter.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| i.id)
+            .collect(),
+        );
+        let streamed = sorted(
+            drain(
+                im.stream_images(cri::StreamImagesRequest {
+                    filter: filter.clone(),
+                })
+                .await,
+            )
+            .await
+            .into_iter()
+            .flat_map(|m| m.images)
+            .map(|i| i.id)
+            .collect(),
+        );
+        assert_eq!(streamed, unary);
+        assert_eq!(unary.len(), 1);
+    }
+
+    let ctr_filters = [
+        None,
+        Some(cri::ContainerStatsFilter {
+            id: ctrs[1].clone(),
+            ..Default::default()
+        }),
+        Some(cri::ContainerStatsFilter {
+            pod_sandbox_id: pods[1].clone(),
+            ..Default::default()
+        }),
+        Some(cri::ContainerStatsFilter {
+            id: "no-such-container".into(),
+            ..Default::default()
+        }),
+    ];
+    for filter in ctr_filters {
+        let unary: Vec<_> = rt
+            .list_container_stats(cri::ListContainerStatsRequest {
+                filter: filter.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .into_iter()
+            .map(|s| s.attributes.unwrap())
+            .collect();
+        let streamed: Vec<_> = drain(
+            rt.stream_container_stats(cri::StreamContainerStatsRequest {
+                filter: filter.clone(),
+            })
+            .await,
+        )
+        .await
+        .into_iter()
+        .flat_map(|m| m.container_stats)
+        .map(|s| s.attributes.unwrap())
+        .collect();
+        let key = |v: &[cri::ContainerAttributes]| {
+            let mut v = v.to_vec();
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+            v
+        };
+        assert_eq!(key(&streamed), key(&unary), "{filter:?}");
+    }
+
+    for filter in [
+        None,
+        Some(cri::PodSandboxStatsFilter {
+            id: pods[0].clone(),
+            ..Default::default()
+        }),
+    ] {
+        let pod_ids = |stats: Vec<cri::PodSandboxStats>| {
+            sorted(
+                stats
+                    .into_iter()
+                    .map(|s| s.attributes.unwrap().id)
+                    .collect(),
+            )
+        };
+        let unary = pod_ids(
+            rt.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest {
+                filter: filter.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats,
+        );
+        let streamed = pod_ids(
+            drain(
+                rt.stream_pod_sandbox_stats(cri::StreamPodSandboxStatsRequest {
+                    filter: filter.clone(),
+                })
+                .await,
+            )
+            .await
+            .into_iter()
+            .flat_map(|m| m.pod_sandbox_stats)
+            .collect(),
+        );
+        assert_eq!(streamed, unary, "{filter:?}");
+        assert_eq!(unary.len(), if filter.is_some() { 1 } else { 2 });
+    }
+
+    let shape = |m: Vec<cri::PodSandboxMetrics>| {
+        sorted(
+            m.into_iter()
+                .map(|p| {
+                    let ctrs = sorted(
+                        p.container_metrics
+                            .into_iter()
+                            .map(|c| c.container_id)
+                            .collect(),
+                    );
+                    format!("{} {ctrs:?}", p.pod_sandbox_id)
+                })
+                .collect(),
+        )
+    };
+    let unary = shape(
+        rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_metrics,
+    );
+    let streamed = shape(
+        drain(
+            rt.stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest {})
+                .await,
+        )
+        .await
+        .into_iter()
+        .flat_map(|m| m.pod_sandbox_metrics)
+        .collect(),
+    );
+    assert_eq!(streamed, unary);
+    assert_eq!(unary.len(), 2);
+
+    for pod in pods {
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    }
+    let dir = berth.dir.clone();
+    drop(rt);
+    drop(berth);
+    drop(reg);
+    ns.assert_no_leaks(&dir);
+}

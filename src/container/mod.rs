@@ -75,6 +75,21 @@ pub struct MountSpec {
     /// With `readonly`: sub-mounts read-only too (mount_setattr).
     #[serde(default)]
     pub recursive_readonly: bool,
+    /// An image volume: `host_path` is then where berth mounts the image
+    /// (under the container's directory), set when the container is created.
+    #[serde(default)]
+    pub image: Option<ImageMount>,
+}
+
+/// The image (already pulled) whose filesystem a mount shows, read-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMount {
+    /// As the request named it.
+    pub image: String,
+    /// Filled in from the image store before the container is created.
+    pub image_id: String,
+    /// Only this path of the image (relative; empty: all of it).
+    pub sub_path: String,
 }
 
 /// What a container was asked to be (from the CRI ContainerConfig).
@@ -205,6 +220,38 @@ pub struct ContainerManager {
     nofile: (u64, u64),
 }
 
+/// Under a container's directory: its image volumes' mount points.
+const VOLUMES_DIR: &str = "volumes";
+
+/// An image mount's own checks: its image is among those passed in (the
+/// server found it in the store) and its sub path can only name something
+/// inside the image.
+fn check_image_mount(
+    m: &MountSpec,
+    im: &ImageMount,
+    volume_images: &[ImageRecord],
+) -> Result<(), ContainerError> {
+    let Some(image) = volume_images.iter().find(|i| i.id == im.image_id) else {
+        return Err(ContainerError::Invalid(format!(
+            "image volume at {}: image {} is not present (pull it first)",
+            m.container_path, im.image
+        )));
+    };
+    if image.layers.is_empty() {
+        return Err(ContainerError::Invalid(format!(
+            "image volume at {}: image {} has no layers",
+            m.container_path, im.image
+        )));
+    }
+    if !crate::linux::imagevol::sub_path_is_plain(&im.sub_path) {
+        return Err(ContainerError::Invalid(format!(
+            "image volume {} at {}: image_sub_path {:?} must be relative and must not contain \"..\"",
+            im.image, m.container_path, im.sub_path
+        )));
+    }
+    Ok(())
+}
+
 /// How long a monitor may take to set the container up and answer.
 const MONITOR_ANSWER_TIMEOUT_MS: u16 = 60_000;
 
@@ -301,7 +348,9 @@ impl ContainerManager {
                 Ok(Some(r)) => r,
                 // Not even the intent was written: nothing else can exist.
                 Ok(None) => {
-                    let _ = std::fs::remove_dir_all(e.path());
+                    if self.unmount_volumes(&id).is_ok() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
                     continue;
                 }
                 Err(err) => {
@@ -340,6 +389,21 @@ impl ContainerManager {
                 .get(id)
                 .is_some_and(|r| r.state != ContainerState::Exited)
         });
+        // Mounts no record owns (an image volume whose container is gone).
+        let known = |mp: &Path| {
+            mp.strip_prefix(&self.dir)
+                .ok()
+                .and_then(|rel| rel.components().next())
+                .is_some_and(|c| {
+                    lock(&self.records).contains_key(&*c.as_os_str().to_string_lossy())
+                })
+        };
+        for mp in crate::linux::imagevol::mounts_under(&self.dir) {
+            if !known(&mp) {
+                tracing::warn!(mount = %mp.display(), "unmounting a mount no container owns");
+                let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
     }
 
     /// Whether the init has left the exec fifo and run the workload: until
@@ -362,6 +426,54 @@ impl ContainerManager {
             .is_ok_and(|comm| comm.trim_end() != berth)
     }
 
+    /// `<containers>/<id>/volumes/<index of the mount>`.
+    fn volume_dir(&self, id: &str, index: usize) -> PathBuf {
+        self.cdir(id).join(VOLUMES_DIR).join(index.to_string())
+    }
+
+    fn mount_image_volumes(
+        &self,
+        rec: &ContainerRecord,
+        volume_images: &[ImageRecord],
+    ) -> Result<(), ContainerError> {
+        use crate::linux::imagevol::{mount_image, ImageVolError};
+        for m in &rec.spec.mounts {
+            let Some(im) = &m.image else { continue };
+            let Some(image) = volume_images.iter().find(|i| i.id == im.image_id) else {
+                return Err(internal(&rec.id, "mount image volume")(format!(
+                    "image {} of the volume at {} was not passed in",
+                    im.image_id, m.container_path
+                )));
+            };
+            let layers: Vec<PathBuf> = image
+                .layers
+                .iter()
+                .rev()
+                .map(|l| self.layers_dir.join(hex_of(&l.chain_id)))
+                .collect();
+            mount_image(&layers, &im.sub_path, Path::new(&m.host_path)).map_err(|e| match e {
+                ImageVolError::MissingSubPath { .. } | ImageVolError::EscapingSubPath { .. } => {
+                    ContainerError::Invalid(format!(
+                        "container {}: image volume {} at {}: {e}",
+                        rec.spec.name, im.image, m.container_path
+                    ))
+                }
+                e => internal(&rec.id, "mount image volume")(format!(
+                    "{} at {}: {e}",
+                    im.image, m.container_path
+                )),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the container's image volumes (every mount under its
+    /// directory); until that worked the directory must stay.
+    fn unmount_volumes(&self, id: &str) -> Result<(), ContainerError> {
+        crate::linux::imagevol::unmount_all_under(&self.cdir(id))
+            .map_err(|e| internal(id, "unmount image volumes")(e.to_string()))
+    }
+
     /// Kills what a record names and deletes its directory.
     fn destroy(&self, rec: &ContainerRecord) {
         if let Some(cg) = &rec.cgroup {
@@ -376,6 +488,10 @@ impl ContainerManager {
             }
         }
         let _ = std::fs::remove_file(self.attach_socket(&rec.id));
+        if let Err(e) = self.unmount_volumes(&rec.id) {
+            tracing::error!(container = %rec.id, error = %e, "container directory kept");
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(self.cdir(&rec.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove container directory");
@@ -486,10 +602,17 @@ impl ContainerManager {
             .collect()
     }
 
+    /// A container whose rootfs or one of whose image volumes is the image.
     pub fn image_in_use(&self, image_id: &str) -> Option<String> {
         lock(&self.records)
             .values()
-            .find(|c| c.image_id == image_id)
+            .find(|c| {
+                c.image_id == image_id
+                    || c.spec
+                        .mounts
+                        .iter()
+                        .any(|m| m.image.as_ref().is_some_and(|i| i.image_id == image_id))
+            })
             .map(|c| c.id.clone())
     }
 
@@ -502,12 +625,14 @@ impl ContainerManager {
     }
 
     /// Creates a container (its init waits for StartContainer). Blocking.
+    /// `volume_images` holds the images of the spec's image mounts.
     pub fn create(
         self: &Arc<Self>,
         pod: &PodInfo,
-        spec: ContainerSpec,
+        mut spec: ContainerSpec,
         image: &ImageRecord,
         image_config: &serde_json::Value,
+        volume_images: &[ImageRecord],
     ) -> Result<String, ContainerError> {
         if spec.name.is_empty() {
             return Err(ContainerError::Invalid("metadata.name is empty".into()));
@@ -525,6 +650,10 @@ impl ContainerManager {
                     "mount target {:?} is not an absolute path",
                     m.container_path
                 )));
+            }
+            if let Some(im) = &m.image {
+                check_image_mount(m, im, volume_images)?;
+                continue;
             }
             if m.recursive_readonly && !recursive_readonly_supported() {
                 return Err(ContainerError::Invalid(format!(
@@ -578,6 +707,12 @@ impl ContainerManager {
             .map_err(|e| ContainerError::Invalid(e.to_string()))?;
         let img = ImageDefaults::from_config(image_config);
         let id = hex::encode(rand::random::<[u8; 32]>());
+        // Recorded with the intent: where each image volume gets mounted.
+        for (i, m) in spec.mounts.iter_mut().enumerate() {
+            if m.image.is_some() {
+                m.host_path = self.volume_dir(&id, i).display().to_string();
+            }
+        }
         {
             let recs = lock(&self.records);
             if let Some(other) = recs.values().find(|c| {
@@ -644,7 +779,16 @@ impl ContainerManager {
             cgroup: self.cgroups.path_for(&pod.cgroup_parent, &id),
             spec,
         };
-        let made = self.make(&mut rec, pod, &img, &lowers, &user, &security, pid_ns);
+        let made = self.make(
+            &mut rec,
+            pod,
+            &img,
+            &lowers,
+            &user,
+            &security,
+            pid_ns,
+            volume_images,
+        );
         if let Err(e) = made {
             self.destroy(&rec);
             return Err(e);
@@ -668,6 +812,7 @@ impl ContainerManager {
         user: &user::User,
         security: &security::Resolved,
         pid_ns: spec::PidNs,
+        volume_images: &[ImageRecord],
     ) -> Result<(), ContainerError> {
         let id = rec.id.clone();
         let dir = self.cdir(&id);
@@ -686,9 +831,10 @@ impl ContainerManager {
                     e => io("create cgroup")(e.to_string()),
                 })?;
         }
-        for d in ["upper", "work", "rootfs"] {
+        for d in ["upper", "work", "rootfs", VOLUMES_DIR] {
             std::fs::create_dir(dir.join(d)).map_err(|e| io("create directory")(e.to_string()))?;
         }
+        self.mount_image_volumes(rec, volume_images)?;
         let fifo = dir.join("exec.fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .map_err(|e| io("create exec fifo")(e.to_string()))?;
@@ -996,6 +1142,7 @@ impl ContainerManager {
                 .remove(cg)
                 .map_err(|e| internal(&rec.id, "remove cgroup")(e.to_string()))?;
         }
+        self.unmount_volumes(&rec.id)?;
         let dir = self.cdir(&rec.id);
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
             .await

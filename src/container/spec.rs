@@ -184,6 +184,10 @@ pub fn build(
             }
             .to_string(),
         );
+        if m.image.is_some() {
+            // As on the host side: no set-uid or device files from an image.
+            options.extend(["nosuid".to_string(), "nodev".to_string()]);
+        }
         if m.readonly {
             options.push("ro".into());
             if m.recursive_readonly {

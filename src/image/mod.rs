@@ -150,7 +150,9 @@ fn dir_usage(root: &Path) -> Usage {
             let Ok(m) = e.metadata() else { continue };
             u.inodes += 1;
             u.bytes += m.blocks() * 512;
-            if m.is_dir() {
+            // Image volumes are mounted under the containers' directories:
+            // their content is the image filesystem's, not counted twice.
+            if m.is_dir() && !crate::linux::imagevol::is_mount_root(&e.path()) {
                 stack.push(e.path());
             }
         }

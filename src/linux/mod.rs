@@ -5,6 +5,7 @@ pub mod asyncfd;
 pub mod exec;
 pub mod fdpass;
 pub mod identity;
+pub mod imagevol;
 pub mod init;
 pub mod mountattr;
 pub mod netns;

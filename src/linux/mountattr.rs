@@ -101,7 +101,7 @@ fn mount_of(path: &Path) -> std::io::Result<(PathBuf, String)> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

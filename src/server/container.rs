@@ -3,8 +3,8 @@
 use super::Daemon;
 use crate::container::security::{DeviceSpec, PidMode, Profile, SecuritySpec};
 use crate::container::{
-    ContainerError, ContainerFilter, ContainerRecord, ContainerSpec, ContainerState, MountSpec,
-    PodInfo, Propagation,
+    ContainerError, ContainerFilter, ContainerRecord, ContainerSpec, ContainerState, ImageMount,
+    MountSpec, PodInfo, Propagation,
 };
 use crate::pod::{NsMode, PodRecord, PodState};
 use cri_proto::v1 as cri;
@@ -41,11 +41,25 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     let resources = resources_from(r);
     let mut mounts = Vec::new();
     for m in c.mounts {
-        if m.image.is_some() {
-            return Err(Status::invalid_argument(format!(
-                "CreateContainer: image volume at {} is not supported yet",
-                m.container_path
-            )));
+        if let Some(img) = m.image {
+            if img.image.trim().is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "CreateContainer: image volume at {}: image.image is empty",
+                    m.container_path
+                )));
+            }
+            // Always read-only: the image's layers are shared.
+            mounts.push(MountSpec {
+                container_path: m.container_path,
+                readonly: true,
+                image: Some(ImageMount {
+                    image: img.image.trim().to_string(),
+                    sub_path: m.image_sub_path,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            continue;
         }
         if m.recursive_read_only && !m.readonly {
             return Err(Status::invalid_argument(format!(
@@ -65,6 +79,7 @@ pub fn spec_from(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
                 _ => Propagation::Private,
             },
             recursive_readonly: m.recursive_read_only,
+            image: None,
         });
     }
     let (run_as_user, run_as_group) = (
@@ -351,7 +366,21 @@ pub fn to_status(c: &ContainerRecord) -> cri::ContainerStatus {
             .iter()
             .map(|m| cri::Mount {
                 container_path: m.container_path.clone(),
-                host_path: m.host_path.clone(),
+                // An image volume's mount point is berth's business.
+                host_path: if m.image.is_some() {
+                    String::new()
+                } else {
+                    m.host_path.clone()
+                },
+                image: m.image.as_ref().map(|i| cri::ImageSpec {
+                    image: i.image.clone(),
+                    ..Default::default()
+                }),
+                image_sub_path: m
+                    .image
+                    .as_ref()
+                    .map(|i| i.sub_path.clone())
+                    .unwrap_or_default(),
                 readonly: m.readonly,
                 propagation: (match m.propagation {
                     Propagation::Private => cri::MountPropagation::PropagationPrivate,

@@ -13,9 +13,6 @@ use tonic::{Request, Response, Status};
 
 pub struct ImageApi(pub Arc<Daemon>);
 
-/// Images per message of StreamImages.
-const STREAM_CHUNK: usize = 100;
-
 fn status_of(e: ImageError) -> Status {
     let msg = e.to_string();
     match e {
@@ -108,10 +105,9 @@ impl ImageService for ImageApi {
         let req = req.into_inner();
         rpc("StreamImages", "", async {
             let images = self.filtered(req.filter.as_ref());
-            let chunks: Vec<Result<cri::StreamImagesResponse, Status>> = images
-                .chunks(STREAM_CHUNK)
-                .map(|c| Ok(cri::StreamImagesResponse { images: c.to_vec() }))
-                .collect();
+            let chunks = super::chunks::by_size(images)
+                .into_iter()
+                .map(|images| Ok(cri::StreamImagesResponse { images }));
             Ok(Box::pin(tokio_stream::iter(chunks)) as Self::StreamImagesStream)
         })
         .await
@@ -163,7 +159,10 @@ impl ImageService for ImageApi {
             })
             .unwrap_or_default();
         rpc("PullImage", &image, async {
-            let img = self.0.images.pull(&image, creds).await.map_err(status_of)?;
+            let started = std::time::Instant::now();
+            let pulled = self.0.images.pull(&image, creds).await;
+            crate::metrics::pull_done(pulled.as_ref().ok().map(|i| i.size), started.elapsed());
+            let img = pulled.map_err(status_of)?;
             tracing::info!(image = %image, id = %img.id, "image pulled");
             Ok(cri::PullImageResponse { image_ref: img.id })
         })

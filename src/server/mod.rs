@@ -47,6 +47,8 @@ pub enum ServeError {
     Container(#[from] crate::container::ContainerError),
     #[error(transparent)]
     Streaming(#[from] crate::streaming::StreamingError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -69,6 +71,42 @@ pub struct Daemon {
     pub container_stats: crate::container::stats::ContainerStats,
     pub pod_stats: crate::pod::stats::PodStats,
     pub streaming: Arc<crate::streaming::Streaming>,
+}
+
+impl Daemon {
+    /// Pods and containers by state and their live processes, for a scrape.
+    fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        use crate::container::ContainerState as C;
+        use crate::linux::process::is_alive;
+        use crate::pod::PodState as P;
+        let pods = self.pods.list(&Default::default());
+        let ctrs = self.containers.list(&Default::default());
+        let count_pods = |s: P| pods.iter().filter(|p| p.state == s).count() as i64;
+        let count_ctrs = |s: C| ctrs.iter().filter(|c| c.state == s).count() as i64;
+        crate::metrics::Snapshot {
+            pods: vec![
+                ("creating", count_pods(P::Creating)),
+                ("ready", count_pods(P::Ready)),
+                ("notready", count_pods(P::NotReady)),
+            ],
+            containers: vec![
+                ("creating", count_ctrs(C::Creating)),
+                ("created", count_ctrs(C::Created)),
+                ("running", count_ctrs(C::Running)),
+                ("exited", count_ctrs(C::Exited)),
+            ],
+            monitors: ctrs
+                .iter()
+                .filter_map(|c| c.monitor)
+                .filter(|m| is_alive((*m).into()))
+                .count() as i64,
+            infra: pods
+                .iter()
+                .filter_map(|p| p.infra)
+                .filter(|i| is_alive((*i).into()))
+                .count() as i64,
+        }
+    }
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -144,6 +182,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         streaming,
     });
     events::forward_exits(daemon.clone());
+    if let Some(addr) = daemon.config.metrics.address {
+        let d = daemon.clone();
+        crate::metrics::start(addr, move || d.metrics_snapshot()).await?;
+    }
     let socket = daemon.config.socket.clone();
 
     // We hold the socket lock, so an existing socket file is a stale leftover.
@@ -216,6 +258,7 @@ where
     let start = Instant::now();
     let res = f.await;
     let took = start.elapsed();
+    crate::metrics::rpc_done(name, res.as_ref().err().map(|s| s.code()), took);
     match &res {
         Ok(_) => tracing::debug!(rpc = name, object, ?took, "ok"),
         Err(s) if s.code() == tonic::Code::Internal || s.code() == tonic::Code::Unknown => {

@@ -281,7 +281,7 @@ impl RuntimeService for RuntimeApi {
             let config = req
                 .config
                 .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
-            let spec = container::spec_from(config)?;
+            let mut spec = container::spec_from(config)?;
             let pod = self
                 .0
                 .pods
@@ -298,11 +298,25 @@ impl RuntimeService for RuntimeApi {
                 .images
                 .config_json(&image)
                 .map_err(|e| Status::internal(e.to_string()))?;
+            let mut volume_images = Vec::new();
+            for m in &mut spec.mounts {
+                let Some(im) = m.image.as_mut() else { continue };
+                let img = self.0.images.find(&im.image).ok_or_else(|| {
+                    Status::not_found(format!(
+                        "CreateContainer {name}: image {:?} for the volume at {} is not present \
+                         (pull it first)",
+                        im.image, m.container_path
+                    ))
+                })?;
+                im.image_id = img.id.clone();
+                volume_images.push(img);
+            }
             let info = container::pod_info(&pod, self.0.pods.pods_dir());
             let pod_id = pod.id.clone();
             let d = self.0.clone();
             let id = tokio::task::spawn_blocking(move || {
-                d.containers.create(&info, spec, &image, &config)
+                d.containers
+                    .create(&info, spec, &image, &config, &volume_images)
             })
             .await
             .map_err(|e| Status::internal(format!("create task: {e}")))?
@@ -770,9 +784,58 @@ impl RuntimeService for RuntimeApi {
         .await
     }
 
-    not_yet! {
-        stream_container_stats(cri::StreamContainerStatsRequest) -> Self::StreamContainerStatsStream = "StreamContainerStats";
-        stream_pod_sandbox_stats(cri::StreamPodSandboxStatsRequest) -> Self::StreamPodSandboxStatsStream = "StreamPodSandboxStats";
-        stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest) -> Self::StreamPodSandboxMetricsStream = "StreamPodSandboxMetrics";
+    async fn stream_container_stats(
+        &self,
+        req: Request<cri::StreamContainerStatsRequest>,
+    ) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
+        let filter = req.into_inner().filter;
+        rpc("StreamContainerStats", "", async {
+            let list =
+                stats::list_container_stats(&self.0, cri::ListContainerStatsRequest { filter })
+                    .await?;
+            let chunks = super::chunks::by_size(list.stats)
+                .into_iter()
+                .map(|container_stats| Ok(cri::StreamContainerStatsResponse { container_stats }));
+            Ok(Box::pin(tokio_stream::iter(chunks)) as Self::StreamContainerStatsStream)
+        })
+        .await
+    }
+
+    async fn stream_pod_sandbox_stats(
+        &self,
+        req: Request<cri::StreamPodSandboxStatsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
+        let filter = req.into_inner().filter;
+        rpc("StreamPodSandboxStats", "", async {
+            let list =
+                stats::list_pod_sandbox_stats(&self.0, cri::ListPodSandboxStatsRequest { filter })
+                    .await?;
+            let chunks = super::chunks::by_size(list.stats)
+                .into_iter()
+                .map(|pod_sandbox_stats| {
+                    Ok(cri::StreamPodSandboxStatsResponse { pod_sandbox_stats })
+                });
+            Ok(Box::pin(tokio_stream::iter(chunks)) as Self::StreamPodSandboxStatsStream)
+        })
+        .await
+    }
+
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::StreamPodSandboxMetricsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
+        rpc("StreamPodSandboxMetrics", "", async {
+            let list = stats::list_pod_sandbox_metrics(&self.0).await?;
+            let chunks =
+                super::chunks::by_size(list.pod_metrics)
+                    .into_iter()
+                    .map(|pod_sandbox_metrics| {
+                        Ok(cri::StreamPodSandboxMetricsResponse {
+                            pod_sandbox_metrics,
+                        })
+                    });
+            Ok(Box::pin(tokio_stream::iter(chunks)) as Self::StreamPodSandboxMetricsStream)
+        })
+        .await
     }
 }

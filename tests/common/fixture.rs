@@ -56,6 +56,26 @@ pub fn sh(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
     }
 }
 
+/// A read-only CRI mount of test image `image` (only its `sub_path`, if
+/// not empty).
+pub fn image_mount(container_path: &str, image: &str, sub_path: &str) -> cri::Mount {
+    cri::Mount {
+        container_path: container_path.into(),
+        image: Some(cri::ImageSpec {
+            image: image_ref(image),
+            ..Default::default()
+        }),
+        image_sub_path: sub_path.into(),
+        readonly: true,
+        ..Default::default()
+    }
+}
+
+/// Mount points in the test's mount namespace below `dir`.
+pub fn ns_mounts_under(ns: &Netns, dir: &std::path::Path) -> Vec<PathBuf> {
+    super::leaked_mounts(&format!("/proc/{}/mountinfo", ns.pid()), dir)
+}
+
 /// Pod metadata the tests use: `name`, uid `uid-<name>`, namespace default.
 pub fn pod_metadata(name: &str) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
@@ -109,10 +129,16 @@ impl Env {
 
     /// As [`Env::start`] with daemon options; the registry is made
     /// insecure unless `opts` says otherwise.
-    pub async fn start_with(images: &[&str], mut opts: BerthOpts) -> Env {
+    pub async fn start_with(images: &[&str], opts: BerthOpts) -> Env {
+        Self::start_images(images, images, opts).await
+    }
+
+    /// A registry holding the test images `push`, a daemon started with
+    /// `opts` that has pulled the test images `pull`.
+    pub async fn start_images(push: &[&str], pull: &[&str], mut opts: BerthOpts) -> Env {
         let ns = Netns::new();
         let reg = Registry::start(&ns, RegistryOpts::default());
-        for i in images {
+        for i in push {
             reg.push(i, &format!("{i}:latest"));
         }
         opts.registries_conf
@@ -129,10 +155,31 @@ impl Env {
             ns,
             logs,
         };
-        for i in images {
+        for i in pull {
             env.pull(&image_ref(i)).await;
         }
         env
+    }
+
+    /// Daemon options with `config_toml` as berth's config.
+    pub fn config(config_toml: &str) -> BerthOpts {
+        BerthOpts {
+            config_toml: config_toml.into(),
+            ..Default::default()
+        }
+    }
+
+    /// RemoveImage of test image `name`.
+    pub async fn remove_image(&mut self, name: &str) -> Result<(), tonic::Status> {
+        self.im
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image_ref(name),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(|_| ())
     }
 
     pub async fn pull(&mut self, image: &str) -> String {
@@ -279,6 +326,25 @@ impl Env {
         let mut out = String::from_utf8_lossy(&r.stdout).into_owned();
         out.push_str(&String::from_utf8_lossy(&r.stderr));
         (out, r.exit_code)
+    }
+
+    /// ExecSync of `cmd`: (exit code, stdout, stderr).
+    pub async fn exec_cmd(&mut self, id: &str, cmd: &[&str]) -> (i32, String, String) {
+        let r = self
+            .rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 20,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("exec {cmd:?} in {id}: {e:?}"))
+            .into_inner();
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
     }
 
     /// The raw CRI log of container `name` of pod `pod` (by pod name).
