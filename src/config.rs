@@ -41,6 +41,16 @@ pub struct Config {
     pub container: ContainerConfig,
     pub network: crate::network::NetworkConfig,
     pub streaming: StreamingConfig,
+    pub security: SecurityConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// "required": a non-privileged container whose cgroup device program
+    /// cannot be attached (no usable cgroup v2) is refused; "best-effort":
+    /// it runs without one.
+    pub device_policy: crate::cgroup::devices::Enforcement,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +151,7 @@ impl Default for Config {
             container: ContainerConfig::default(),
             network: crate::network::NetworkConfig::default(),
             streaming: StreamingConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -369,6 +380,17 @@ idle_timeout_secs = {s_idle}
 
 # Connections served at once (the rest are refused), upgrading ones included.
 max_connections = {s_max}
+
+[security]
+# Device access of containers is a BPF program on each container's cgroup
+# (cgroup v2): only the standard devices, the CRI-requested ones with their
+# permissions, and mknod. Where it cannot be attached (no usable cgroup v2,
+# e.g. cgroup.mode = "off" or a hybrid host), "required" refuses to create
+# non-privileged containers (FailedPrecondition); "best-effort" runs them
+# without it (a warning each), leaving device nodes they create or are
+# given guarded by file permissions alone. Privileged containers get every
+# device either way.
+device_policy = "required"
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -455,6 +477,19 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn device_policy_defaults_to_required() {
+        use crate::cgroup::devices::Enforcement;
+        assert_eq!(
+            Config::default().security.device_policy,
+            Enforcement::Required
+        );
+        let c = Config::from_toml("[security]\ndevice_policy = \"best-effort\"\n").unwrap();
+        assert_eq!(c.security.device_policy, Enforcement::BestEffort);
+        let e = Config::from_toml("[security]\ndevice_policy = \"off\"\n").unwrap_err();
+        assert!(e.to_string().contains("best-effort"), "{e}");
     }
 
     #[test]
