@@ -95,6 +95,7 @@ pub fn run_checks() -> Vec<Item> {
             hint: "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup)",
         }),
     }
+    items.push(device_policy_item(cgroup2_mount().as_deref()));
     let fs = read("/proc/filesystems");
     let overlay = fs.lines().any(|l| l.trim_end().ends_with("overlay"));
     items.push(Item {
@@ -198,6 +199,32 @@ pub fn run_checks() -> Vec<Item> {
     items
 }
 
+/// Whether containers get a device program: cgroup2 where berth's default
+/// cgroup mode uses it, and a kernel that loads device programs for us.
+fn device_policy_item(cgroup2: Option<&Path>) -> Item {
+    let (ok, detail) = match cgroup2 {
+        Some(m) if m == Path::new("/sys/fs/cgroup") => match crate::cgroup::devices::loadable() {
+            Ok(()) => (true, "BPF cgroup device programs load; attached per container".into()),
+            Err(e) => (false, format!("cannot load a device program: {e}")),
+        },
+        Some(m) => (
+            false,
+            format!(
+                "cgroup2 only at {} (hybrid host): with cgroup.mode = \"auto\" containers get no cgroup and so no device program",
+                m.display()
+            ),
+        ),
+        None => (false, "no cgroup2 mount".into()),
+    };
+    Item {
+        name: "device policy",
+        ok,
+        required: true,
+        detail,
+        hint: "non-privileged containers are refused (FailedPrecondition) unless [security] device_policy = \"best-effort\", which runs them with device nodes guarded by file permissions only",
+    }
+}
+
 /// Prints the report; returns whether every required item is OK.
 pub fn print_report(items: &[Item]) -> bool {
     let mut all = true;
@@ -221,6 +248,21 @@ pub fn print_report(items: &[Item]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn device_policy_needs_cgroup2_at_the_usual_place() {
+        let hybrid =
+            super::device_policy_item(Some(std::path::Path::new("/sys/fs/cgroup/unified")));
+        assert!(
+            !hybrid.ok && hybrid.detail.contains("hybrid"),
+            "{}",
+            hybrid.detail
+        );
+        assert!(hybrid.hint.contains("device_policy"));
+        // Root on a 6.x kernel: the program itself loads.
+        let pure = super::device_policy_item(Some(std::path::Path::new("/sys/fs/cgroup")));
+        assert!(pure.ok, "{}", pure.detail);
+    }
+
     #[test]
     fn checks_run_and_name_the_kernel() {
         let items = super::run_checks();

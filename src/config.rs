@@ -42,6 +42,7 @@ pub struct Config {
     pub network: crate::network::NetworkConfig,
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -49,6 +50,15 @@ pub struct Config {
 pub struct MetricsConfig {
     /// Where the Prometheus endpoint (GET /metrics) listens; unset: off.
     pub address: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// "required": a non-privileged container whose cgroup device program
+    /// cannot be attached (no usable cgroup v2) is refused; "best-effort":
+    /// it runs without one.
+    pub device_policy: crate::cgroup::devices::Enforcement,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +166,7 @@ impl Default for Config {
             network: crate::network::NetworkConfig::default(),
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -401,6 +412,17 @@ max_connections = {s_max}
 # pods and containers by state, image pulls, berth's processes, memory and
 # fds. Off unless an address is set, e.g.
 # address = "127.0.0.1:9405"
+
+[security]
+# Device access of containers is a BPF program on each container's cgroup
+# (cgroup v2): only the standard devices, the CRI-requested ones with their
+# permissions, and mknod. Where it cannot be attached (no usable cgroup v2,
+# e.g. cgroup.mode = "off" or a hybrid host), "required" refuses to create
+# non-privileged containers (FailedPrecondition); "best-effort" runs them
+# without it (a warning each), leaving device nodes they create or are
+# given guarded by file permissions alone. Privileged containers get every
+# device either way.
+device_policy = "required"
 "#,
         socket = d.socket.display(),
         root = d.root.display(),
@@ -501,6 +523,19 @@ mod tests {
         ));
         c.streaming.tls_key = Some("/etc/k.pem".into());
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn device_policy_defaults_to_required() {
+        use crate::cgroup::devices::Enforcement;
+        assert_eq!(
+            Config::default().security.device_policy,
+            Enforcement::Required
+        );
+        let c = Config::from_toml("[security]\ndevice_policy = \"best-effort\"\n").unwrap();
+        assert_eq!(c.security.device_policy, Enforcement::BestEffort);
+        let e = Config::from_toml("[security]\ndevice_policy = \"off\"\n").unwrap_err();
+        assert!(e.to_string().contains("best-effort"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::devices::pure_cgroup2_host;
 use common::*;
 use cri_proto::v1 as cri;
 use std::time::{Duration, Instant};
@@ -677,15 +678,6 @@ async fn limits_without_cgroups_need_tolerance() {
     assert_eq!(env.wait_exit(&id).await.exit_code, 0);
     assert!(env.berth.log().contains("limit not applied"));
     env.finish().await;
-}
-
-/// Whether cgroup2 is mounted at /sys/fs/cgroup (limits apply there; the
-/// VM suite covers that case).
-fn pure_cgroup2_host() -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 "))
 }
 
 fn ppid_of(pid: i32) -> i32 {

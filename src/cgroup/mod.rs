@@ -5,6 +5,7 @@
 //! Hybrid hosts (cgroup2 only at /sys/fs/cgroup/unified) are left alone in
 //! `auto` mode: their v2 side belongs to systemd and has no controllers.
 
+pub mod devices;
 pub mod stats;
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,8 @@ pub enum CgroupError {
     Invalid { key: String, reason: String },
     #[error("cgroup {path}: {reason}")]
     Rejected { path: String, reason: String },
+    #[error("cgroup {path}: device policy: {reason}")]
+    Devices { path: String, reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -354,6 +357,29 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Attaches the device program built from the OCI device `rules` to the
+    /// cgroup, replacing berth's previous one atomically (the cgroup is
+    /// never without a policy). The attachment, not an fd, keeps the
+    /// program: it lives and dies with the cgroup, which the container's
+    /// record already names, so no further intent needs recording.
+    pub fn set_device_policy(
+        &self,
+        path: &Path,
+        rules: &[oci_spec::runtime::LinuxDeviceCgroup],
+    ) -> Result<(), CgroupError> {
+        let failed = |reason: String| CgroupError::Devices {
+            path: path.display().to_string(),
+            reason,
+        };
+        if self.mount.is_none() {
+            return Err(failed("no usable cgroup v2 on this host".into()));
+        }
+        let insns = devices::program(rules).map_err(failed)?;
+        crate::linux::bpf::DeviceProgram::load(devices::PROGRAM_NAME, &insns)
+            .and_then(|p| p.attach(path))
+            .map_err(|e| failed(e.to_string()))
+    }
+
     /// Kills every process in the cgroup (cgroup.kill, Linux 5.14+).
     pub fn kill(&self, path: &Path) {
         if self.mount.is_some() {
@@ -373,12 +399,26 @@ impl Cgroups {
             .is_some_and(|n| n > 0)
     }
 
+    /// Whether no process is left in the cgroup (or it is gone).
+    fn is_empty(path: &Path) -> bool {
+        std::fs::read_to_string(path.join("cgroup.procs"))
+            .map(|s| s.trim().is_empty())
+            .unwrap_or(true)
+    }
+
     /// Removes the cgroup once its processes are gone (kills stragglers).
     pub fn remove(&self, path: &Path) -> Result<(), CgroupError> {
         if self.mount.is_none() || !path.exists() {
             return Ok(());
         }
         for _ in 0..100 {
+            // Programs go with the cgroup anyway, but only once the kernel
+            // releases it; detached now, none outlives RemoveContainer.
+            if Self::is_empty(path) {
+                if let Err(e) = crate::linux::bpf::detach_all(path) {
+                    tracing::warn!(cgroup = %path.display(), error = %e, "cannot detach the device program");
+                }
+            }
             match std::fs::remove_dir(path) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -218,6 +218,8 @@ pub struct ContainerManager {
     exits: tokio::sync::broadcast::Sender<String>,
     /// RLIMIT_NOFILE (soft, hard) for container processes.
     nofile: (u64, u64),
+    /// Whether a container may run without its cgroup device program.
+    device_policy: crate::cgroup::devices::Enforcement,
 }
 
 /// Under a container's directory: its image volumes' mount points.
@@ -268,6 +270,7 @@ impl ContainerManager {
         layers_dir: &Path,
         cgroups: Arc<crate::cgroup::Cgroups>,
         nofile: (u64, u64),
+        device_policy: crate::cgroup::devices::Enforcement,
     ) -> Result<Arc<ContainerManager>, ContainerError> {
         let dir = root.join("containers");
         std::fs::create_dir_all(&dir)
@@ -288,6 +291,7 @@ impl ContainerManager {
             resource_updates: Mutex::new(()),
             exits: tokio::sync::broadcast::channel(1024).0,
             nofile,
+            device_policy,
         });
         m.reconcile();
         Ok(m)
@@ -745,6 +749,15 @@ impl ContainerManager {
         }
         let security = security::resolve(&spec, self.nofile).map_err(invalid)?;
         let pid_ns = self.pid_namespace(pod, &spec).map_err(invalid)?;
+        let cgroup = self.cgroups.path_for(&pod.cgroup_parent, &id);
+        if cgroup.is_none() && !security.privileged {
+            let why = if self.cgroups.enabled() {
+                format!("the cgroup parent {:?} is not usable", pod.cgroup_parent)
+            } else {
+                "no usable cgroup v2 on this host".to_string()
+            };
+            self.without_device_policy(&spec.name, why)?;
+        }
         let dir = self.cdir(&id);
         let mut rec = ContainerRecord {
             id: id.clone(),
@@ -776,7 +789,7 @@ impl ContainerManager {
                 spec.stop_signal.clone()
             },
             start_error: None,
-            cgroup: self.cgroups.path_for(&pod.cgroup_parent, &id),
+            cgroup,
             spec,
         };
         let made = self.make(
@@ -882,6 +895,11 @@ impl ContainerManager {
             .unwrap_or_else(|| "/".into());
         oci.save(dir.join("config.json"))
             .map_err(|e| io("write config.json")(e.to_string()))?;
+        // Attached before the init exists, so not one of its instructions
+        // runs without the policy.
+        if let Some(cg) = &rec.cgroup {
+            self.apply_device_policy(&rec.spec.name, cg, &oci, security.privileged)?;
+        }
         let mcfg = MonitorConfig {
             id: id.clone(),
             spec: dir.join("config.json"),
@@ -955,6 +973,56 @@ impl ContainerManager {
         crate::failpoint::hit("ctr-before-created");
         rec.state = ContainerState::Created;
         self.persist(rec)
+    }
+
+    /// A non-privileged container is about to run without a device policy:
+    /// refused unless the config says that is acceptable.
+    fn without_device_policy(&self, name: &str, why: String) -> Result<(), ContainerError> {
+        match self.device_policy {
+            crate::cgroup::devices::Enforcement::Required => {
+                Err(ContainerError::FailedPrecondition {
+                    id: name.to_string(),
+                    reason: format!(
+                        "its device access policy (a cgroup v2 device program) cannot be \
+                         enforced: {why}; a non-privileged container could open any device \
+                         node it creates. Set device_policy = \"best-effort\" in the \
+                         [security] section of berth's config to run it without one"
+                    ),
+                })
+            }
+            crate::cgroup::devices::Enforcement::BestEffort => {
+                tracing::warn!(container = name, reason = %why, "running without a device access policy (security.device_policy = \"best-effort\")");
+                Ok(())
+            }
+        }
+    }
+
+    /// Attaches (or atomically replaces) the device program made from the
+    /// spec's linux.resources.devices on the container's cgroup.
+    fn apply_device_policy(
+        &self,
+        name: &str,
+        cg: &Path,
+        oci: &oci_spec::runtime::Spec,
+        privileged: bool,
+    ) -> Result<(), ContainerError> {
+        let Some(rules) = oci
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.devices().as_ref())
+        else {
+            // Written by a berth that had no device policy: nothing to keep.
+            return Ok(());
+        };
+        match self.cgroups.set_device_policy(cg, rules) {
+            Ok(()) => Ok(()),
+            Err(e) if privileged => {
+                tracing::warn!(container = name, error = %e, "privileged container: no device program (it may use every device anyway)");
+                Ok(())
+            }
+            Err(e) => self.without_device_policy(name, e.to_string()),
+        }
     }
 
     /// Lets the created container's process exec. Blocking.
@@ -1035,16 +1103,24 @@ impl ContainerManager {
                 id: rec.id.clone(),
                 reason: e.to_string(),
             },
-            crate::cgroup::CgroupError::Io { .. } => ContainerError::Internal {
-                id: rec.id.clone(),
-                what: "update resources",
-                detail: e.to_string(),
-            },
+            crate::cgroup::CgroupError::Io { .. } | crate::cgroup::CgroupError::Devices { .. } => {
+                ContainerError::Internal {
+                    id: rec.id.clone(),
+                    what: "update resources",
+                    detail: e.to_string(),
+                }
+            }
         };
         self.cgroups
             .check_applicable(&format!("container {}", rec.id), &res)
             .map_err(cg_err)?;
         if let Some(cg) = &rec.cgroup {
+            // The policy is put back first (replaced atomically, so never
+            // absent) and the limits written after: an update can never
+            // leave the container with new limits and no device program.
+            let oci = oci_spec::runtime::Spec::load(self.cdir(&rec.id).join("config.json"))
+                .map_err(|e| internal(&rec.id, "load the container's spec")(e.to_string()))?;
+            self.apply_device_policy(&rec.id, cg, &oci, rec.spec.security.privileged)?;
             self.cgroups.update(cg, &res).map_err(cg_err)?;
         }
         let oom = oom_score_adj.map(|v| effective_oom_score_adj(&rec.id, v));

@@ -116,6 +116,8 @@ pub struct Resolved {
     pub readonly: Vec<String>,
     /// OCI linux.devices entries.
     pub devices: Vec<Value>,
+    /// OCI linux.resources.devices: the cgroup device policy.
+    pub device_rules: Vec<Value>,
     pub privileged: bool,
     pub readonly_rootfs: bool,
     pub rlimits: Vec<Value>,
@@ -242,6 +244,11 @@ pub fn resolve(c: &ContainerSpec, nofile_limit: (u64, u64)) -> Result<Resolved, 
         )
     };
     let mut devices = Vec::new();
+    let mut device_rules = if s.privileged {
+        vec![json!({"allow": true, "access": "rwm"})]
+    } else {
+        standard_device_rules()
+    };
     if s.privileged {
         devices.extend(host_devices(Path::new("/dev"), Path::new("/dev"))?);
     }
@@ -264,6 +271,13 @@ pub fn resolve(c: &ContainerSpec, nofile_limit: (u64, u64)) -> Result<Resolved, 
         if found.is_empty() {
             return Err(format!("device {}: no device node there", d.host_path));
         }
+        if !s.privileged {
+            // As runc: "" grants nothing (kubelet sends "mrw").
+            device_rules.extend(found.iter().map(|n| {
+                json!({"allow": true, "type": n["type"], "major": n["major"],
+                       "minor": n["minor"], "access": d.permissions})
+            }));
+        }
         devices.extend(found);
     }
     let (soft, hard) = nofile(nofile_limit);
@@ -276,10 +290,39 @@ pub fn resolve(c: &ContainerSpec, nofile_limit: (u64, u64)) -> Result<Resolved, 
         masked,
         readonly,
         devices,
+        device_rules,
         privileged: s.privileged,
         readonly_rootfs: s.readonly_rootfs,
         rlimits: vec![json!({"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard})],
     })
+}
+
+/// Deny everything, then what every container needs, as runc and
+/// containerd allow: mknod of any node (opening it is what the policy
+/// decides), /dev/null, zero, full, random, urandom, tty, console, ptmx
+/// and the pty slaves (/dev/pts/*, major 136).
+fn standard_device_rules() -> Vec<Value> {
+    let mut rules = vec![
+        json!({"allow": false, "access": "rwm"}),
+        json!({"allow": true, "type": "c", "access": "m"}),
+        json!({"allow": true, "type": "b", "access": "m"}),
+    ];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+    ] {
+        rules.push(
+            json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"}),
+        );
+    }
+    rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}));
+    rules
 }
 
 /// The device nodes at `host` (a node, or a directory searched
@@ -366,6 +409,29 @@ mod tests {
         assert!(names(&s).len() > 30 && !names(&s).contains(&"CAP_KILL".to_string()));
         s.add_capabilities = vec!["CAP_NOPE".into()];
         assert!(capabilities(&s).unwrap_err().contains("CAP_NOPE"));
+    }
+
+    #[test]
+    fn device_rules_default_deny_and_requested_permissions() {
+        let mut c = ContainerSpec::default();
+        c.security.devices = vec![DeviceSpec {
+            container_path: "/dev/x".into(),
+            host_path: "/dev/null".into(),
+            permissions: "r".into(),
+        }];
+        let r = resolve(&c, (1024, 1024)).unwrap();
+        assert_eq!(r.device_rules[0], json!({"allow": false, "access": "rwm"}));
+        assert_eq!(
+            r.device_rules.last().unwrap(),
+            &json!({"allow": true, "type": "c", "major": 1, "minor": 3, "access": "r"})
+        );
+        // The rules are valid OCI and compile.
+        let rules: Vec<oci_spec::runtime::LinuxDeviceCgroup> =
+            serde_json::from_value(json!(r.device_rules)).unwrap();
+        crate::cgroup::devices::program(&rules).unwrap();
+        c.security.privileged = true;
+        let r = resolve(&c, (1024, 1024)).unwrap();
+        assert_eq!(r.device_rules, [json!({"allow": true, "access": "rwm"})]);
     }
 
     #[test]

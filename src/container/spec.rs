@@ -234,6 +234,7 @@ pub fn build(
         "readonlyPaths": sec.readonly,
         "rootfsPropagation": propagation,
         "devices": sec.devices,
+        "resources": {"devices": sec.device_rules},
     });
     if let Some(s) = &sec.seccomp {
         linux["seccomp"] = s.clone();

@@ -2,6 +2,7 @@
 //! says why it is sound. Callers get plain functions over paths and pids.
 
 pub mod asyncfd;
+pub mod bpf;
 pub mod exec;
 pub mod fdpass;
 pub mod identity;

@@ -156,6 +156,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         config.cgroup.allow_missing_controllers,
     ));
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
+    if !cgroups.enabled()
+        && config.security.device_policy == crate::cgroup::devices::Enforcement::Required
+    {
+        tracing::warn!("no usable cgroup v2, so no container device policy: non-privileged containers will be refused (set device_policy = \"best-effort\" in [security] to run them without one)");
+    }
     let network = Arc::new(crate::network::Network::new(&config.network, &config.root));
     let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone(), network)?;
     let containers = ContainerManager::open(
@@ -164,6 +169,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         images.image_fs_dir(),
         cgroups,
         (config.container.nofile_soft, config.container.nofile_hard),
+        config.security.device_policy,
     )?;
     let container_stats = crate::container::stats::ContainerStats::new(
         images.container_fs_dir(),

@@ -35,6 +35,7 @@
 
 #![allow(dead_code)]
 
+pub mod devices;
 pub mod fixture;
 pub mod token_server;
 
@@ -1131,6 +1132,30 @@ pub struct BerthOpts {
     pub extra_args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Run with berth's own defaults where the harness otherwise relaxes
+    /// them for the development host (see [`harness_config`]).
+    pub strict_defaults: bool,
+}
+
+/// The config.toml berth gets: `opts.config_toml`, plus, outside the test
+/// VM (no usable cgroup v2, so no device program), `[security]
+/// device_policy = "best-effort"` unless the test sets device_policy itself
+/// or asks for `strict_defaults`. The VM suite keeps the default (required).
+pub fn harness_config(opts: &BerthOpts) -> String {
+    let toml = &opts.config_toml;
+    let in_vm = std::env::var("BERTH_VM").as_deref() == Ok("1");
+    if opts.strict_defaults || in_vm || toml.contains("device_policy") {
+        return toml.clone();
+    }
+    let key = "device_policy = \"best-effort\"\n";
+    match toml.lines().position(|l| l.trim() == "[security]") {
+        Some(i) => {
+            let mut lines: Vec<&str> = toml.lines().collect();
+            lines.insert(i + 1, key.trim_end());
+            lines.join("\n") + "\n"
+        }
+        None => format!("{toml}\n[security]\n{key}"),
+    }
 }
 
 /// The berth daemon, running inside a [`Netns`]:
@@ -1167,7 +1192,6 @@ impl Berth {
         let dir = tmp.path().to_path_buf();
         ns.track_dir(&dir);
         let config_path = dir.join("config.toml");
-        fs::write(&config_path, &opts.config_toml).unwrap();
         let registries_conf_path = opts.registries_conf.as_ref().map(|c| {
             let p = dir.join("registries.conf");
             fs::write(&p, c).unwrap();
@@ -1193,6 +1217,8 @@ impl Berth {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "berth is already running");
+        // Written at every start: tests change opts.config_toml and restart.
+        fs::write(&self.config_path, harness_config(&self.opts)).unwrap();
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
