@@ -423,7 +423,7 @@ fn mount_one(root: BorrowedFd<'_>, m: &oci_spec::runtime::Mount) -> Result<(), S
     };
     if let Some(p) = propagation {
         let rec = p.contains(MsFlags::MS_REC);
-        mountfd::set_propagation(&tree, (p - MsFlags::MS_REC).bits() as u64, rec)
+        mountfd::set_propagation(&tree, (p - MsFlags::MS_REC).bits(), rec)
             .map_err(|e| format!("propagation: {e}"))?;
     }
     if options.iter().any(|o| o == "rro") {
