@@ -93,6 +93,7 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    linux::selfexe::name_after_argv0();
     match cli.cmd {
         Cmd::Serve {
             config,
@@ -137,6 +138,8 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(path: Option<PathBuf>, overrides: config::Overrides) -> anyhow::Result<()> {
+    // Before any thread exists: from here on berth runs from a sealed copy.
+    linux::selfexe::reexec_sealed()?;
     let cfg = config::Config::load(path.as_deref(), overrides)?;
     let filter = tracing_subscriber::EnvFilter::try_new(log_directive(&cfg.log_level))
         .map_err(|e| anyhow::anyhow!("log_level {:?}: {e}", cfg.log_level))?;

@@ -492,6 +492,16 @@ def build_all(out, busybox_bytes, log):
         sym("data/abs", "/etc"),
     ], comment="image volume data, escaping symlinks")])
 
+    # Mount targets that are symlinks to host locations: berth must resolve
+    # them inside the rootfs (tests/breakout.rs).
+    simple("evil-mounts", [bb, Layer([
+        d("etc"),
+        sym("etc/resolv.conf", "/etc/shadow"),
+        sym("etc/hosts", "../../../../../../../../tmp/berth-evil-hosts"),
+        sym("vol", "/"),
+        sym("mask", "../../../../../../../../etc"),
+    ], comment="mount targets as symlinks to host paths")])
+
     return built
 
 

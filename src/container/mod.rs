@@ -278,14 +278,14 @@ impl ContainerManager {
         let sockets_dir = state_dir.join("monitors");
         std::fs::create_dir_all(&sockets_dir)
             .map_err(|e| internal("", "create monitors dir")(e.to_string()))?;
-        let exe = std::env::current_exe()
-            .map_err(|e| internal("", "find berth's binary")(e.to_string()))?;
+        let me = crate::linux::selfexe::current();
+        let exe = me.name.clone();
         let m = Arc::new(ContainerManager {
             cgroups,
             dir,
             layers_dir: layers_dir.to_path_buf(),
             sockets_dir,
-            monitors: crate::monitor::zygote::Launcher::new(exe.clone()),
+            monitors: crate::monitor::zygote::Launcher::new(me.exec.clone(), exe.clone()),
             exe,
             records: Mutex::new(BTreeMap::new()),
             resource_updates: Mutex::new(()),

@@ -777,10 +777,11 @@ fn set_sigmask(all: bool) {
 /// Closes (or with CLOSE_RANGE_CLOEXEC marks) every fd >= 3 but `keep`.
 /// Best effort: without close_range (Linux < 5.9) nothing happens, and berth's
 /// fds are all close-on-exec anyway.
-fn close_fds_except(keep: &mut [c_int], flags: c_uint) {
+pub(crate) fn close_fds_except(keep: &mut [c_int], flags: c_uint) {
     let range = |lo: c_uint, hi: c_uint| {
-        // SAFETY: close_range only affects this process's fd table. The
-        // OwnedFds in the copied memory that own these numbers are never
+        // SAFETY: close_range only affects this process's fd table. With
+        // CLOSE_RANGE_CLOEXEC nothing is closed before the exec; otherwise
+        // the OwnedFds in the copied memory that own these numbers are never
         // used or dropped in this child, which ends in _exit.
         unsafe { libc::syscall(libc::SYS_close_range, lo, hi, flags) };
     };

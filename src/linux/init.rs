@@ -8,16 +8,19 @@
 //! Rust library (allocation included) before it execs.
 
 use super::identity::Identity;
+use super::mountfd;
+use super::resolve::{self, open_in_root, Create};
 use super::{sys, LinuxError};
 use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use nix::unistd::{chdir, pivot_root};
 use oci_spec::runtime::Spec;
+use rustix::mount::MountAttrFlags;
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::{Component, Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 
 /// Everything the init needs besides the spec.
 pub struct InitPlan<'a> {
@@ -82,6 +85,9 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     // If the monitor dies (killed during recovery of a half-made container),
     // the init must not linger without anyone to report its exit.
     let monitor = nix::unistd::getppid();
+    // Until the workload's exec (which resets it), no process of the
+    // container may ptrace this one or open its /proc files (exe, fds, mem).
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("make the init non-dumpable: {e}"))?;
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| format!("set parent-death signal: {e}"))?;
     if nix::unistd::getppid() != monitor {
@@ -135,9 +141,17 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         Some(data.as_str()),
     )
     .map_err(|e| format!("mount overlay rootfs at {}: {e}", root.display()))?;
+    // Every mount target below is resolved from this fd, never by path.
+    let rootfd: OwnedFd = open(
+        &root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open rootfs {}: {e}", root.display()))?;
+    let rootfd = rootfd.as_fd();
 
     for m in spec.mounts().as_deref().unwrap_or(&[]) {
-        mount_one(&root, m).map_err(|e| {
+        mount_one(rootfd, m).map_err(|e| {
             format!(
                 "mount {} on {}: {e}",
                 m.source()
@@ -148,16 +162,16 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
             )
         })?;
     }
-    make_devices(&root)?;
+    make_devices(rootfd)?;
     for d in linux.and_then(|l| l.devices().as_deref()).unwrap_or(&[]) {
-        make_device(&root, d).map_err(|e| format!("create device {}: {e}", d.path().display()))?;
+        make_device(rootfd, d).map_err(|e| format!("create device {}: {e}", d.path().display()))?;
     }
     if let Some(linux) = linux {
         for path in linux.masked_paths().as_deref().unwrap_or(&[]) {
-            mask(&root, path).map_err(|e| format!("mask {path}: {e}"))?;
+            mask(rootfd, path).map_err(|e| format!("mask {path}: {e}"))?;
         }
         for path in linux.readonly_paths().as_deref().unwrap_or(&[]) {
-            readonly(&root, path).map_err(|e| format!("make {path} read-only: {e}"))?;
+            readonly(rootfd, path).map_err(|e| format!("make {path} read-only: {e}"))?;
         }
     }
     let fifo: OwnedFd = open(p.fifo, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
@@ -171,7 +185,7 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         Mode::empty(),
     )
     .map_err(|e| format!("open the old root: {e}"))?;
-    chdir(&root).map_err(|e| format!("chdir rootfs: {e}"))?;
+    nix::unistd::fchdir(rootfd).map_err(|e| format!("chdir rootfs: {e}"))?;
     pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
     nix::unistd::fchdir(&old_root).map_err(|e| format!("fchdir old root: {e}"))?;
     drop(old_root);
@@ -228,8 +242,12 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         )
     })?;
 
-    let devnull = open("/dev/null", OFlag::O_RDONLY, Mode::empty())
-        .map_err(|e| format!("open /dev/null: {e}"))?;
+    let devnull = open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open /dev/null: {e}"))?;
     let stdio = match &pty_slave {
         Some(s) => [s.as_raw_fd(); 3],
         None => [p.stdin.unwrap_or(devnull.as_raw_fd()), p.stdout, p.stderr],
@@ -281,6 +299,9 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
     let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
     let exe = c(&exe.to_string_lossy());
+    // Only stdio reaches the workload: whatever else this process holds
+    // (inherited from the monitor or opened here) closes on exec.
+    super::exec::close_fds_except(&mut [], libc::CLOSE_RANGE_CLOEXEC);
     if let Err((step, e)) = identity.seal() {
         eprintln!(
             "berth init: {}: {}",
@@ -324,19 +345,6 @@ fn resolve_executable(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("exec: {arg0:?}: executable file not found in $PATH"))
 }
 
-/// `dest` inside `root`, refusing `..` so a spec path cannot leave the rootfs.
-fn inside(root: &Path, dest: &Path) -> Result<PathBuf, String> {
-    let mut p = root.to_path_buf();
-    for c in dest.components() {
-        match c {
-            Component::Normal(n) => p.push(n),
-            Component::RootDir | Component::CurDir => {}
-            _ => return Err(format!("{} leaves the container root", dest.display())),
-        }
-    }
-    Ok(p)
-}
-
 fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>) {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
@@ -367,67 +375,64 @@ fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>)
     (flags, data, propagation)
 }
 
-fn mount_one(root: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
-    let target = inside(root, m.destination())?;
+/// The MOUNT_ATTR_* equivalent of mount(2) flags.
+fn mount_attrs(flags: MsFlags) -> MountAttrFlags {
+    let mut a = MountAttrFlags::empty();
+    for (ms, attr) in [
+        (MsFlags::MS_RDONLY, MountAttrFlags::MOUNT_ATTR_RDONLY),
+        (MsFlags::MS_NOSUID, MountAttrFlags::MOUNT_ATTR_NOSUID),
+        (MsFlags::MS_NODEV, MountAttrFlags::MOUNT_ATTR_NODEV),
+        (MsFlags::MS_NOEXEC, MountAttrFlags::MOUNT_ATTR_NOEXEC),
+        (
+            MsFlags::MS_STRICTATIME,
+            MountAttrFlags::MOUNT_ATTR_STRICTATIME,
+        ),
+        (MsFlags::MS_NOATIME, MountAttrFlags::MOUNT_ATTR_NOATIME),
+    ] {
+        if flags.contains(ms) {
+            a |= attr;
+        }
+    }
+    a
+}
+
+fn mount_one(root: BorrowedFd<'_>, m: &oci_spec::runtime::Mount) -> Result<(), String> {
     let options = m.options().clone().unwrap_or_default();
     let (flags, data, propagation) = flags_and_data(&options);
     let typ = m.typ().clone().unwrap_or_default();
     let source = m.source().clone().unwrap_or_default();
+    let attrs = mount_attrs(flags);
     let is_bind = flags.contains(MsFlags::MS_BIND) || typ == "bind";
-    if is_bind {
+    let (tree, create) = if is_bind {
         let meta = std::fs::metadata(&source).map_err(|e| format!("source: {e}"))?;
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| format!("create target: {e}"))?;
+        let tree = mountfd::clone_tree(&source, flags.contains(MsFlags::MS_REC))
+            .map_err(|e| format!("clone source: {e}"))?;
+        // Flags of a bind apply to its top mount (as a remount would);
+        // "rro" extends read-only to the mounts below.
+        mountfd::set_attrs(&tree, attrs, false).map_err(|e| format!("set flags: {e}"))?;
+        let create = if meta.is_dir() {
+            Create::Dir
         } else {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| format!("create target: {e}"))?;
-            }
-            if std::fs::symlink_metadata(&target).is_err() {
-                std::fs::File::create(&target).map_err(|e| format!("create target: {e}"))?;
-            }
-        }
-        let rec = flags & MsFlags::MS_REC;
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | rec,
-            None::<&str>,
-        )
-        .map_err(|e| e.to_string())?;
-        let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
-        if !rest.is_empty() {
-            // Bind mounts take their flags only on a remount.
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | rest,
-                None::<&str>,
-            )
-            .map_err(|e| format!("remount: {e}"))?;
-        }
+            Create::File
+        };
+        (tree, create)
     } else {
-        std::fs::create_dir_all(&target).map_err(|e| format!("create target: {e}"))?;
-        let d = data.join(",");
-        mount(
-            Some(&source),
-            &target,
-            Some(typ.as_str()),
-            flags,
-            (!d.is_empty()).then_some(d.as_str()),
-        )
-        .map_err(|e| e.to_string())?;
-    }
+        let tree = mountfd::new_fs(&typ, &source.to_string_lossy(), &data, attrs)
+            .map_err(|e| format!("new {typ} filesystem: {e}"))?;
+        (tree, Create::Dir)
+    };
     if let Some(p) = propagation {
-        mount(None::<&str>, &target, None::<&str>, p, None::<&str>)
+        let rec = p.contains(MsFlags::MS_REC);
+        mountfd::set_propagation(&tree, (p - MsFlags::MS_REC).bits(), rec)
             .map_err(|e| format!("propagation: {e}"))?;
     }
     if options.iter().any(|o| o == "rro") {
-        super::mountattr::make_recursively_readonly(&target)
+        mountfd::set_attrs(&tree, MountAttrFlags::MOUNT_ATTR_RDONLY, true)
             .map_err(|e| format!("recursive read-only: {e}"))?;
     }
-    Ok(())
+    let target = open_in_root(root, m.destination(), create)
+        .map_err(|e| format!("resolve the target in the rootfs: {e}"))?;
+    mountfd::attach(&tree, &target).map_err(|e| e.to_string())
 }
 
 /// The rootfs propagation: "rslave" (default: host mounts reach the
@@ -455,55 +460,78 @@ fn set_root_propagation(mode: &str, root: &Path) -> Result<(), String> {
     .map_err(|e| format!("make {} private: {e}", parent.display()))
 }
 
+/// The parent directory (resolved in the rootfs, created if missing) and
+/// the file name of `path`.
+fn parent_in_root<'a>(
+    root: BorrowedFd<'_>,
+    path: &'a Path,
+) -> Result<(OwnedFd, &'a std::ffi::OsStr), String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} names no file", path.display()))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let dir = open_in_root(root, parent, Create::Dir)
+        .map_err(|e| format!("resolve {} in the rootfs: {e}", parent.display()))?;
+    Ok((dir, name))
+}
+
 /// A device node of the spec, created with the host device's numbers.
-fn make_device(root: &Path, d: &oci_spec::runtime::LinuxDevice) -> Result<(), String> {
-    use nix::sys::stat::{makedev, mknod, SFlag};
+fn make_device(root: BorrowedFd<'_>, d: &oci_spec::runtime::LinuxDevice) -> Result<(), String> {
     use oci_spec::runtime::LinuxDeviceType as T;
-    let target = inside(root, d.path())?;
-    if std::fs::symlink_metadata(&target).is_ok() {
+    use rustix::fs::{AtFlags, FileType};
+    match open_in_root(root, d.path(), Create::Nothing) {
         // Already there (the standard nodes are bound from the host's).
-        return Ok(());
+        Ok(_) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(format!("resolve in the rootfs: {e}")),
     }
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
+    let (dir, name) = parent_in_root(root, d.path())?;
     let kind = match d.typ() {
-        T::B => SFlag::S_IFBLK,
-        T::P => SFlag::S_IFIFO,
-        _ => SFlag::S_IFCHR,
+        T::B => FileType::BlockDevice,
+        T::P => FileType::Fifo,
+        _ => FileType::CharacterDevice,
     };
-    let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
-    let dev = makedev(d.major() as u64, d.minor() as u64);
-    mknod(&target, kind, mode, dev).map_err(|e| format!("mknod: {e}"))?;
+    let mode = rustix::fs::Mode::from_raw_mode(d.file_mode().unwrap_or(0o666) & 0o7777);
+    let dev = rustix::fs::makedev(d.major() as u32, d.minor() as u32);
+    rustix::fs::mknodat(&dir, name, kind, mode, dev).map_err(|e| format!("mknod: {e}"))?;
     // mknod applies the umask; the node must have the mode asked for.
-    std::fs::set_permissions(
-        &target,
-        std::os::unix::fs::PermissionsExt::from_mode(mode.bits()),
+    // AT_SYMLINK_NOFOLLOW: the name was just created as a node, and a swap
+    // for a symlink must not redirect the chmod/chown.
+    let node = rustix::fs::openat(
+        &dir,
+        name,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
     )
-    .map_err(|e| format!("chmod: {e}"))?;
-    nix::unistd::chown(
-        &target,
-        d.uid().map(nix::unistd::Uid::from_raw),
-        d.gid().map(nix::unistd::Gid::from_raw),
+    .map_err(|e| format!("open the new node: {e}"))?;
+    rustix::fs::chmodat(&node, "", mode, AtFlags::EMPTY_PATH)
+        .or_else(|_| {
+            // Kernels without fchmodat2 (< 6.6): through the fd's proc link,
+            // which names the node itself.
+            rustix::fs::chmod(format!("/proc/self/fd/{}", node.as_raw_fd()), mode)
+        })
+        .map_err(|e| format!("chmod: {e}"))?;
+    rustix::fs::chownat(
+        &node,
+        "",
+        d.uid().map(rustix::fs::Uid::from_raw),
+        d.gid().map(rustix::fs::Gid::from_raw),
+        AtFlags::EMPTY_PATH,
     )
     .map_err(|e| format!("chown: {e}"))
 }
 
-fn make_devices(root: &Path) -> Result<(), String> {
-    let dev = root.join("dev");
+fn make_devices(root: BorrowedFd<'_>) -> Result<(), String> {
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let target = dev.join(name);
-        std::fs::File::create(&target).map_err(|e| format!("create /dev/{name}: {e}"))?;
-        let source = Path::new("/dev").join(name);
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| format!("bind /dev/{name}: {e}"))?;
+        let dest = Path::new("/dev").join(name);
+        let target = open_in_root(root, &dest, Create::File)
+            .map_err(|e| format!("create /dev/{name}: {e}"))?;
+        mountfd::clone_tree(&dest, false)
+            .and_then(|tree| mountfd::attach(&tree, &target))
+            .map_err(|e| format!("bind /dev/{name}: {e}"))?;
     }
+    let dev = open_in_root(root, Path::new("/dev"), Create::Dir)
+        .map_err(|e| format!("resolve /dev in the rootfs: {e}"))?;
     for (link, to) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -512,60 +540,49 @@ fn make_devices(root: &Path) -> Result<(), String> {
         ("ptmx", "pts/ptmx"),
         ("core", "/proc/kcore"),
     ] {
-        let _ = std::os::unix::fs::symlink(to, dev.join(link));
+        let _ = rustix::fs::symlinkat(to, &dev, link);
     }
     Ok(())
 }
 
-fn mask(root: &Path, path: &str) -> Result<(), String> {
-    let target = inside(root, Path::new(path))?;
-    match std::fs::symlink_metadata(&target) {
-        Err(_) => Ok(()),
-        Ok(m) if m.is_dir() => mount(
-            Some("tmpfs"),
-            &target,
-            Some("tmpfs"),
-            MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(|e| e.to_string()),
-        Ok(_) => mount(
-            Some("/dev/null"),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| e.to_string()),
+/// The target of a masked or read-only path, `None` when the image has no
+/// such path.
+fn existing(root: BorrowedFd<'_>, path: &str) -> Result<Option<OwnedFd>, String> {
+    match open_in_root(root, Path::new(path), Create::Nothing) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(format!("resolve in the rootfs: {e}")),
     }
 }
 
-fn readonly(root: &Path, path: &str) -> Result<(), String> {
-    let target = inside(root, Path::new(path))?;
-    if std::fs::symlink_metadata(&target).is_err() {
+fn mask(root: BorrowedFd<'_>, path: &str) -> Result<(), String> {
+    let Some(target) = existing(root, path)? else {
         return Ok(());
+    };
+    let tree = if resolve::is_dir(&target).map_err(|e| e.to_string())? {
+        mountfd::new_fs("tmpfs", "tmpfs", &[], MountAttrFlags::MOUNT_ATTR_RDONLY)
+    } else {
+        mountfd::clone_tree(Path::new("/dev/null"), false)
     }
-    mount(
-        Some(&target),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
+    .map_err(|e| e.to_string())?;
+    mountfd::attach(&tree, &target).map_err(|e| e.to_string())
+}
+
+fn readonly(root: BorrowedFd<'_>, path: &str) -> Result<(), String> {
+    let Some(target) = existing(root, path)? else {
+        return Ok(());
+    };
+    let tree = mountfd::clone_tree_at(target.as_fd()).map_err(|e| e.to_string())?;
+    mountfd::set_attrs(
+        &tree,
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+        false,
     )
     .map_err(|e| e.to_string())?;
-    mount(
-        None::<&str>,
-        &target,
-        None::<&str>,
-        MsFlags::MS_REMOUNT
-            | MsFlags::MS_BIND
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| e.to_string())
+    mountfd::attach(&tree, &target).map_err(|e| e.to_string())
 }
 
 /// Joins the namespace at `path` (a /proc/<pid>/ns/* file or a pin).

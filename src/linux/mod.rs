@@ -9,10 +9,13 @@ pub mod identity;
 pub mod imagevol;
 pub mod init;
 pub mod mountattr;
+pub mod mountfd;
 pub mod netns;
 pub mod process;
 pub mod pty;
+pub mod resolve;
 pub mod seccomp;
+pub mod selfexe;
 pub mod shm;
 pub mod sysctl;
 

@@ -1,12 +1,12 @@
 //! Mount attributes: recursive read-only bind mounts (mount_setattr(2),
 //! Linux >= 5.12) and finding the mount that holds a path.
+//!
+//! mount_setattr is called by hand: neither rustix nor nix wraps it.
 
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 // From <linux/mount.h>; the libc crate has the syscall number only.
-const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 #[repr(C)]
@@ -18,12 +18,22 @@ struct MountAttr {
 }
 
 fn mount_setattr(path: &CString, flags: libc::c_uint, attr: &MountAttr) -> std::io::Result<()> {
+    setattr_at(libc::AT_FDCWD, path, flags, attr)
+}
+
+fn setattr_at(
+    dirfd: libc::c_int,
+    path: &CString,
+    flags: libc::c_uint,
+    attr: &MountAttr,
+) -> std::io::Result<()> {
     // SAFETY: a NUL-terminated path and a live mount_attr of the size given;
-    // the kernel only reads them.
+    // the kernel only reads them. `dirfd` is AT_FDCWD or an fd the caller
+    // borrows for the duration of the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
+            dirfd,
             path.as_ptr(),
             flags,
             attr as *const MountAttr,
@@ -53,17 +63,30 @@ pub fn recursive_readonly_supported() -> bool {
     )
 }
 
-/// Makes the mount at `path` and every mount below it read-only.
-pub fn make_recursively_readonly(path: &Path) -> std::io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+/// Sets (`set`) and clears (`clear`) MOUNT_ATTR_* flags and, when
+/// `propagation` is not 0, the propagation type (MS_SHARED, MS_SLAVE,
+/// MS_PRIVATE) of the mount `fd` refers to (attached or detached, as
+/// open_tree or fsmount return it), and of all mounts below it when
+/// `recursive`.
+pub fn set_on_fd(
+    fd: std::os::fd::BorrowedFd<'_>,
+    set: u64,
+    clear: u64,
+    propagation: u64,
+    recursive: bool,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
-        attr_clr: 0,
-        propagation: 0,
+        attr_set: set,
+        attr_clr: clear,
+        propagation,
         userns_fd: 0,
     };
-    mount_setattr(&c, AT_RECURSIVE, &attr)
+    let mut flags = libc::AT_EMPTY_PATH as libc::c_uint;
+    if recursive {
+        flags |= AT_RECURSIVE;
+    }
+    setattr_at(fd.as_raw_fd(), &CString::default(), flags, &attr)
 }
 
 /// The mount point (in this process's mount namespace) holding `path`.

@@ -30,11 +30,12 @@ pub struct ProcessId {
     pub start_time: u64,
 }
 
-/// Starts `exe args...` (stdio on /dev/null, in its own session) inside the
-/// requested namespaces. The process is created directly in them with
+/// Starts `exe` with arguments `argv0 args...` (stdio on /dev/null, in its
+/// own session) inside the requested namespaces. The process is created directly in them with
 /// clone(2), so with `new_pid` it is PID 1 there from its first instruction.
 pub fn spawn_in_namespaces(
     exe: &Path,
+    argv0: &Path,
     args: &[&str],
     ns: &Namespaces<'_>,
 ) -> Result<ProcessId, LinuxError> {
@@ -42,7 +43,7 @@ pub fn spawn_in_namespaces(
     // Everything the child needs is prepared here: between clone and exec
     // the child may only make raw syscalls (no allocation, no locks).
     let exe_c = CString::new(exe.as_os_str().as_bytes()).map_err(sys("exec", &what))?;
-    let mut argv_c = vec![exe_c.clone()];
+    let mut argv_c = vec![CString::new(argv0.as_os_str().as_bytes()).map_err(sys("exec", &what))?];
     for a in args {
         argv_c.push(CString::new(*a).map_err(sys("exec", &what))?);
     }
@@ -181,6 +182,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::_exit(123);
             }
         }
+        // Only stdio survives the exec, whatever berth inherited.
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
         libc::execve(a.exe, a.argv, a.envp);
         libc::_exit(127)
     }

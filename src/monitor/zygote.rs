@@ -97,13 +97,17 @@ struct Zygote {
 /// it is gone.
 pub struct Launcher {
     exe: PathBuf,
+    /// argv[0] of the zygote (berth's path on the host; `exe` may be a
+    /// /proc/self/fd link to the sealed copy).
+    name: PathBuf,
     zygote: Mutex<Option<Zygote>>,
 }
 
 impl Launcher {
-    pub fn new(exe: PathBuf) -> Launcher {
+    pub fn new(exe: PathBuf, name: PathBuf) -> Launcher {
         Launcher {
             exe,
+            name,
             zygote: Mutex::new(None),
         }
     }
@@ -155,7 +159,9 @@ impl Launcher {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| err(e.into()))?;
+        use std::os::unix::process::CommandExt;
         let child = std::process::Command::new(&self.exe)
+            .arg0(&self.name)
             .args(["monitor", "--zygote"])
             .arg(format!("--title-room={}", ".".repeat(TITLE_ROOM)))
             .stdin(std::process::Stdio::from(theirs))

@@ -195,7 +195,8 @@ impl PodManager {
         for d in [&pods_dir, &netns_dir] {
             std::fs::create_dir_all(d).map_err(|e| io(&format!("create {}", d.display()), e))?;
         }
-        let exe = std::env::current_exe().map_err(|e| io("find berth's own binary", e))?;
+        // The host path: infra processes carry it as argv[0].
+        let exe = crate::linux::selfexe::current().name.clone();
         let m = PodManager {
             cgroups,
             network,
@@ -461,7 +462,13 @@ impl PodManager {
             };
             let pods_dir = self.pods_dir.display().to_string();
             let args = ["pause", "--pod", &id, "--pods-dir", &pods_dir];
-            let p = process::spawn_in_namespaces(&self.exe, &args, &ns).map_err(kernel)?;
+            let p = process::spawn_in_namespaces(
+                &crate::linux::selfexe::current().exec,
+                &self.exe,
+                &args,
+                &ns,
+            )
+            .map_err(kernel)?;
             crate::failpoint::hit("pod-after-infra");
             rec.infra = Some(Infra {
                 pid: p.pid,

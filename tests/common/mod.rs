@@ -35,6 +35,7 @@
 
 #![allow(dead_code)]
 
+pub mod breakout;
 pub mod devices;
 pub mod fixture;
 pub mod token_server;
