@@ -41,6 +41,7 @@ pub struct Config {
     pub container: ContainerConfig,
     pub network: crate::network::NetworkConfig,
     pub streaming: StreamingConfig,
+    pub runtime: crate::handlers::RuntimeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +142,7 @@ impl Default for Config {
             container: ContainerConfig::default(),
             network: crate::network::NetworkConfig::default(),
             streaming: StreamingConfig::default(),
+            runtime: crate::handlers::RuntimeConfig::default(),
         }
     }
 }
@@ -240,6 +242,9 @@ impl Config {
             .validate()
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
 
+        self.runtime
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         if self.streaming.token_ttl_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "streaming.token_ttl_secs",
@@ -369,6 +374,30 @@ idle_timeout_secs = {s_idle}
 
 # Connections served at once (the rest are refused), upgrading ones included.
 max_connections = {s_max}
+
+[runtime]
+# RuntimeClass handlers, picked by RunPodSandbox's runtime_handler (the
+# RuntimeClass's `handler`). The empty name is berth's built-in runtime.
+# Each [runtime.handlers.<name>] (a DNS label) is one of:
+#
+#   type = "builtin": berth's own runtime with its own defaults:
+#     user_namespaces = false        # its pods may ask for a user namespace
+#     default_capabilities = [...]   # base capability set (default: containerd's)
+#
+#   type = "oci": an external OCI runtime (runc, crun, youki...) that runs
+#   the bundle berth writes; berth's monitor still owns logs and exit status:
+#     binary = "/usr/sbin/runc"      # absolute; must answer --version at start
+#     root = "/run/berth/runtimes/<name>"   # its --root (this is the default)
+#     args = []                      # extra global arguments
+#     cgroup_manager = "cgroupfs"    # "cgroupfs": the runtime puts the container
+#                                    # in berth's cgroup for it; "disabled": no
+#                                    # cgroups at all (crun only), for hosts
+#                                    # whose cgroups berth must not touch
+#
+# e.g.
+#   [runtime.handlers.runc]
+#   type = "oci"
+#   binary = "/usr/sbin/runc"
 "#,
         socket = d.socket.display(),
         root = d.root.display(),

@@ -4,6 +4,7 @@
 pub mod asyncfd;
 pub mod exec;
 pub mod fdpass;
+pub mod hostrootfs;
 pub mod identity;
 pub mod init;
 pub mod mountattr;

@@ -47,6 +47,8 @@ pub enum ServeError {
     Container(#[from] crate::container::ContainerError),
     #[error(transparent)]
     Streaming(#[from] crate::streaming::StreamingError),
+    #[error(transparent)]
+    Handler(#[from] crate::handlers::HandlerError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -69,6 +71,8 @@ pub struct Daemon {
     pub container_stats: crate::container::stats::ContainerStats,
     pub pod_stats: crate::pod::stats::PodStats,
     pub streaming: Arc<crate::streaming::Streaming>,
+    /// The RuntimeClass handlers pods can pick.
+    pub handlers: crate::handlers::Handlers,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -112,6 +116,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     sock_lock_path.push(".lock");
     let _sock_lock = take_lock("socket", &config.socket, PathBuf::from(sock_lock_path))?;
 
+    let handlers = crate::handlers::Handlers::load(&config.runtime, &config.state_dir)?;
     let images = ImageManager::open(&config)?;
     let cgroups = Arc::new(crate::cgroup::Cgroups::new(
         config.cgroup.mode,
@@ -142,6 +147,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         container_stats,
         pod_stats: crate::pod::stats::PodStats::new(),
         streaming,
+        handlers,
     });
     events::forward_exits(daemon.clone());
     let socket = daemon.config.socket.clone();

@@ -35,6 +35,7 @@
 
 #![allow(dead_code)]
 
+pub mod handlers;
 pub mod token_server;
 
 use std::collections::{HashMap, HashSet};
