@@ -43,6 +43,7 @@ pub struct Config {
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
     pub security: SecurityConfig,
+    pub runtime: crate::handlers::RuntimeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -167,6 +168,7 @@ impl Default for Config {
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
             security: SecurityConfig::default(),
+            runtime: crate::handlers::RuntimeConfig::default(),
         }
     }
 }
@@ -266,6 +268,9 @@ impl Config {
             .validate()
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
 
+        self.runtime
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         if self.streaming.token_ttl_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "streaming.token_ttl_secs",
@@ -423,6 +428,30 @@ max_connections = {s_max}
 # given guarded by file permissions alone. Privileged containers get every
 # device either way.
 device_policy = "required"
+
+[runtime]
+# RuntimeClass handlers, picked by RunPodSandbox's runtime_handler (the
+# RuntimeClass's `handler`). The empty name is berth's built-in runtime.
+# Each [runtime.handlers.<name>] (a DNS label) is one of:
+#
+#   type = "builtin": berth's own runtime with its own defaults:
+#     user_namespaces = false        # its pods may ask for a user namespace
+#     default_capabilities = [...]   # base capability set (default: containerd's)
+#
+#   type = "oci": an external OCI runtime (runc, crun, youki...) that runs
+#   the bundle berth writes; berth's monitor still owns logs and exit status:
+#     binary = "/usr/sbin/runc"      # absolute; must answer --version at start
+#     root = "/run/berth/runtimes/<name>"   # its --root (this is the default)
+#     args = []                      # extra global arguments
+#     cgroup_manager = "cgroupfs"    # "cgroupfs": the runtime puts the container
+#                                    # in berth's cgroup for it; "disabled": no
+#                                    # cgroups at all (crun only), for hosts
+#                                    # whose cgroups berth must not touch
+#
+# e.g.
+#   [runtime.handlers.runc]
+#   type = "oci"
+#   binary = "/usr/sbin/runc"
 "#,
         socket = d.socket.display(),
         root = d.root.display(),

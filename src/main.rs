@@ -5,6 +5,7 @@ mod check;
 mod config;
 mod container;
 mod failpoint;
+mod handlers;
 mod image;
 mod linux;
 mod metrics;

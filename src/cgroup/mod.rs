@@ -214,6 +214,13 @@ impl Cgroups {
         Some(m.join(parent).join(name))
     }
 
+    /// `path` as a cgroup path from the hierarchy's root (an OCI spec's
+    /// linux.cgroupsPath for an external runtime's cgroupfs driver).
+    pub fn relative(&self, path: &Path) -> Option<String> {
+        let rel = path.strip_prefix(self.mount.as_ref()?).ok()?;
+        Some(format!("/{}", rel.display()))
+    }
+
     /// Creates the cgroup (and its parents, enabling controllers on the way)
     /// and writes the limits. On error nothing new is left behind.
     pub fn create(&self, path: &Path, res: &Resources) -> Result<(), CgroupError> {

@@ -174,6 +174,9 @@ pub struct ContainerRecord {
     /// The container's cgroup, when cgroups are in use.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The external OCI runtime of its pod's handler (`None`: berth's own).
+    #[serde(default)]
+    pub runtime: Option<crate::handlers::OciRuntime>,
 }
 
 /// ListContainers' filter.
@@ -202,6 +205,10 @@ pub struct PodInfo {
     pub log_directory: String,
     pub cgroup_parent: String,
     pub shm: Option<PathBuf>,
+    /// The pod's runtime handler delegates to this external OCI runtime.
+    pub runtime: Option<crate::handlers::OciRuntime>,
+    /// The built-in handler's base capability set (`None`: containerd's).
+    pub default_caps: Option<Vec<String>>,
 }
 
 pub struct ContainerManager {
@@ -413,6 +420,9 @@ impl ContainerManager {
     /// Whether the init has left the exec fifo and run the workload: until
     /// then it is berth's own binary.
     fn init_has_exec_d(&self, rec: &ContainerRecord) -> bool {
+        if let Some(rt) = &rec.runtime {
+            return rt.status(&rec.id).as_deref() == Some("running");
+        }
         let Some(init) = rec.init else {
             return false;
         };
@@ -486,6 +496,9 @@ impl ContainerManager {
         for p in [rec.init, rec.monitor].into_iter().flatten() {
             let _ = process::kill_and_wait(p.into(), Duration::from_secs(10));
         }
+        if let Err(e) = self.forget_delegated(rec) {
+            tracing::error!(container = %rec.id, error = %e, "cannot clean up after the OCI runtime");
+        }
         if let Some(cg) = &rec.cgroup {
             if let Err(e) = self.cgroups.remove(cg) {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove cgroup");
@@ -501,6 +514,17 @@ impl ContainerManager {
                 tracing::error!(container = %rec.id, error = %e, "cannot remove container directory");
             }
         }
+    }
+
+    /// For a delegated container: the runtime's state goes, and the rootfs
+    /// mount its monitor may have left. Idempotent.
+    fn forget_delegated(&self, rec: &ContainerRecord) -> Result<(), String> {
+        let Some(rt) = &rec.runtime else {
+            return Ok(());
+        };
+        let deleted = rt.delete(&rec.id);
+        crate::linux::hostrootfs::unmount(&self.cdir(&rec.id).join("rootfs"))?;
+        deleted
     }
 
     /// Waits (in a task) for the monitor to exit, then records the exit.
@@ -648,11 +672,24 @@ impl ContainerManager {
             });
         }
         let log_path = log_path(pod, &spec)?;
+        if let (Some(rt), true) = (&pod.runtime, spec.tty) {
+            return Err(ContainerError::Invalid(format!(
+                "container {}: a terminal (tty) is not supported with the delegating runtime handler {:?}",
+                spec.name, rt.handler
+            )));
+        }
         for m in &spec.mounts {
             if !Path::new(&m.container_path).is_absolute() {
                 return Err(ContainerError::Invalid(format!(
                     "mount target {:?} is not an absolute path",
                     m.container_path
+                )));
+            }
+            if let (true, Some(rt)) = (m.recursive_readonly, &pod.runtime) {
+                return Err(ContainerError::Invalid(format!(
+                    "mount {}: recursive read-only mounts are not supported by the runtime \
+                     handler {:?} (Status does not advertise them for it)",
+                    m.container_path, rt.handler
                 )));
             }
             if let Some(im) = &m.image {
@@ -747,9 +784,14 @@ impl ContainerManager {
                 pod.id
             )));
         }
-        let security = security::resolve(&spec, self.nofile).map_err(invalid)?;
+        let security =
+            security::resolve(&spec, self.nofile, pod.default_caps.as_deref()).map_err(invalid)?;
         let pid_ns = self.pid_namespace(pod, &spec).map_err(invalid)?;
-        let cgroup = self.cgroups.path_for(&pod.cgroup_parent, &id);
+        let cgroup = self
+            .cgroups
+            .path_for(&pod.cgroup_parent, &id)
+            // A runtime without cgroups would leave berth's cgroup empty.
+            .filter(|_| pod.runtime.as_ref().is_none_or(|r| r.cgroups));
         if cgroup.is_none() && !security.privileged {
             let why = if self.cgroups.enabled() {
                 format!("the cgroup parent {:?} is not usable", pod.cgroup_parent)
@@ -790,6 +832,7 @@ impl ContainerManager {
             },
             start_error: None,
             cgroup,
+            runtime: pod.runtime.clone(),
             spec,
         };
         let made = self.make(
@@ -888,6 +931,14 @@ impl ContainerManager {
         .map_err(|reason| {
             ContainerError::Invalid(format!("container {}: {reason}", rec.spec.name))
         })?;
+        let oci = match &rec.runtime {
+            Some(_) => spec::for_delegated(
+                oci,
+                rec.cgroup.as_deref().and_then(|c| self.cgroups.relative(c)),
+            )
+            .map_err(|e| io("adapt the OCI spec")(e))?,
+            None => oci,
+        };
         rec.cwd = oci
             .process()
             .as_ref()
@@ -914,6 +965,7 @@ impl ContainerManager {
             stdin: rec.spec.stdin,
             stdin_once: rec.spec.stdin_once,
             attach_socket: Some(self.attach_socket(&id)),
+            runtime: rec.runtime.clone(),
         };
         write_json(&dir.join("monitor.json"), &mcfg)
             .map_err(|e| io("write monitor.json")(e.to_string()))?;
@@ -1049,11 +1101,13 @@ impl ContainerManager {
             return Err(ContainerError::CannotRun { id, reason });
         }
         let fifo = self.cdir(&id).join("exec.fifo");
-        open_fifo_and_wait(&fifo, Duration::from_secs(10)).map_err(|e| {
-            ContainerError::CannotRun {
-                id: id.clone(),
-                reason: format!("the container process did not start: {e}"),
-            }
+        match &rec.runtime {
+            Some(rt) => rt.start(&id),
+            None => open_fifo_and_wait(&fifo, Duration::from_secs(10)),
+        }
+        .map_err(|e| ContainerError::CannotRun {
+            id: id.clone(),
+            reason: format!("the container process did not start: {e}"),
         })?;
         crate::failpoint::hit("ctr-start-after-fifo");
         let _ = std::fs::remove_file(&fifo);
@@ -1213,6 +1267,18 @@ impl ContainerManager {
         self.stop(&rec.id, Duration::ZERO).await?;
         let rec = self.get(&rec.id)?;
         let _ = std::fs::remove_file(self.attach_socket(&rec.id));
+        let delegated = rec.clone();
+        let this_dir = self.cdir(&rec.id);
+        tokio::task::spawn_blocking(move || {
+            if let Some(rt) = &delegated.runtime {
+                rt.delete(&delegated.id)?;
+                crate::linux::hostrootfs::unmount(&this_dir.join("rootfs"))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(&rec.id, "remove from the OCI runtime")(e.to_string()))?
+        .map_err(internal(&rec.id, "remove from the OCI runtime"))?;
         if let Some(cg) = &rec.cgroup {
             self.cgroups
                 .remove(cg)
@@ -1278,12 +1344,50 @@ impl ContainerManager {
             return Err(ContainerError::Invalid("ExecSync: cmd is empty".into()));
         }
         let (rec, init) = self.running(id)?;
+        if let Some(rt) = &rec.runtime {
+            return self.exec_delegated(&rec, rt, cmd, timeout);
+        }
         let identity = self.identity_of(&rec)?;
         let spec = exec_spec(&rec, init.pid, cmd, timeout, &identity);
         crate::linux::exec::exec_sync(&spec).map_err(|e| ContainerError::Internal {
             id: rec.id.clone(),
             what: "exec",
             detail: e.to_string(),
+        })
+    }
+
+    /// ExecSync through the container's OCI runtime: its process with `cmd`.
+    fn exec_delegated(
+        &self,
+        rec: &ContainerRecord,
+        rt: &crate::handlers::OciRuntime,
+        cmd: &[String],
+        timeout: Option<Duration>,
+    ) -> Result<crate::linux::exec::ExecOutput, ContainerError> {
+        let fail = internal(&rec.id, "exec");
+        let dir = self.cdir(&rec.id);
+        let spec = oci_spec::runtime::Spec::load(dir.join("config.json"))
+            .map_err(|e| internal(&rec.id, "exec")(e.to_string()))?;
+        let mut process = spec
+            .process()
+            .clone()
+            .ok_or_else(|| internal(&rec.id, "exec")("the spec has no process".into()))?;
+        process.set_args(Some(cmd.to_vec()));
+        process.set_terminal(Some(false));
+        let tag = hex::encode(rand::random::<[u8; 8]>());
+        let process_file = dir.join(format!("exec-{tag}.json"));
+        let pid_file = dir.join(format!("exec-{tag}.pid"));
+        let out = write_json(&process_file, &process)
+            .map_err(|e| e.to_string())
+            .and_then(|()| rt.exec(&rec.id, &process_file, &pid_file, timeout, 16 << 20));
+        let _ = std::fs::remove_file(&process_file);
+        let _ = std::fs::remove_file(&pid_file);
+        let out = out.map_err(fail)?;
+        Ok(crate::linux::exec::ExecOutput {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+            timed_out: out.timed_out,
         })
     }
 

@@ -137,7 +137,11 @@ fn cap_name(name: &str) -> Result<(u32, String), String> {
 
 /// The capability set as containerd computes it: the defaults (all when
 /// privileged), then "ALL" adds or drops everything, then the single names.
-fn capabilities(s: &SecuritySpec) -> Result<BTreeSet<(u32, String)>, String> {
+/// `base` replaces containerd's default set (a runtime handler's own).
+fn capabilities(
+    s: &SecuritySpec,
+    base: Option<&[String]>,
+) -> Result<BTreeSet<(u32, String)>, String> {
     let all = || -> Result<BTreeSet<(u32, String)>, String> {
         let last = crate::linux::identity::last_cap();
         Ok(caps::all()
@@ -150,10 +154,13 @@ fn capabilities(s: &SecuritySpec) -> Result<BTreeSet<(u32, String)>, String> {
         return all();
     }
     let is_all = |n: &String| n.eq_ignore_ascii_case("ALL");
-    let mut set: BTreeSet<(u32, String)> = DEFAULT_CAPS
-        .iter()
-        .map(|n| cap_name(n))
-        .collect::<Result<_, _>>()?;
+    let mut set: BTreeSet<(u32, String)> = match base {
+        Some(b) => b.iter().map(|n| cap_name(n)).collect::<Result<_, _>>()?,
+        None => DEFAULT_CAPS
+            .iter()
+            .map(|n| cap_name(n))
+            .collect::<Result<_, _>>()?,
+    };
     if s.add_capabilities.iter().any(is_all) {
         set = all()?;
     }
@@ -186,9 +193,13 @@ fn nofile(wanted: (u64, u64)) -> (u64, u64) {
     (wanted.0.min(hard), hard)
 }
 
-pub fn resolve(c: &ContainerSpec, nofile_limit: (u64, u64)) -> Result<Resolved, String> {
+pub fn resolve(
+    c: &ContainerSpec,
+    nofile_limit: (u64, u64),
+    base_caps: Option<&[String]>,
+) -> Result<Resolved, String> {
     let s = &c.security;
-    let mut caps = capabilities(s)?;
+    let mut caps = capabilities(s, base_caps)?;
     let mut ambient = Vec::new();
     for n in &s.add_ambient_capabilities {
         // An ambient capability must be permitted (and in the bounding set).
@@ -387,7 +398,7 @@ mod tests {
     use super::*;
 
     fn names(s: &SecuritySpec) -> Vec<String> {
-        capabilities(s)
+        capabilities(s, None)
             .unwrap()
             .into_iter()
             .map(|(_, n)| n)
@@ -408,7 +419,21 @@ mod tests {
         s.drop_capabilities = vec!["KILL".into()];
         assert!(names(&s).len() > 30 && !names(&s).contains(&"CAP_KILL".to_string()));
         s.add_capabilities = vec!["CAP_NOPE".into()];
-        assert!(capabilities(&s).unwrap_err().contains("CAP_NOPE"));
+        assert!(capabilities(&s, None).unwrap_err().contains("CAP_NOPE"));
+    }
+
+    #[test]
+    fn handler_base_set_replaces_the_default() {
+        let mut s = SecuritySpec::default();
+        let base = ["CAP_KILL".to_string(), "net_bind_service".to_string()];
+        let n: Vec<String> = capabilities(&s, Some(&base))
+            .unwrap()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(n, ["CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+        s.add_capabilities = vec!["CHOWN".into()];
+        assert_eq!(capabilities(&s, Some(&base)).unwrap().len(), 3);
     }
 
     #[test]
@@ -419,7 +444,7 @@ mod tests {
             host_path: "/dev/null".into(),
             permissions: "r".into(),
         }];
-        let r = resolve(&c, (1024, 1024)).unwrap();
+        let r = resolve(&c, (1024, 1024), None).unwrap();
         assert_eq!(r.device_rules[0], json!({"allow": false, "access": "rwm"}));
         assert_eq!(
             r.device_rules.last().unwrap(),
@@ -430,7 +455,7 @@ mod tests {
             serde_json::from_value(json!(r.device_rules)).unwrap();
         crate::cgroup::devices::program(&rules).unwrap();
         c.security.privileged = true;
-        let r = resolve(&c, (1024, 1024)).unwrap();
+        let r = resolve(&c, (1024, 1024), None).unwrap();
         assert_eq!(r.device_rules, [json!({"allow": true, "access": "rwm"})]);
     }
 

@@ -268,6 +268,31 @@ pub fn build(
     serde_json::from_value(spec).map_err(|e| format!("OCI spec: {e}"))
 }
 
+/// The spec for an external OCI runtime: the pod's namespaces are already
+/// joined by path (netns pin, /proc/<infra>/ns/...); what differs is that
+/// such a runtime refuses a hostname without a UTS namespace of the
+/// container's (host-network pods), and puts the container in its cgroup
+/// itself (`cgroups_path`, from the hierarchy's root), and older runtimes
+/// only take the spec versions they know.
+pub fn for_delegated(spec: Spec, cgroups_path: Option<String>) -> Result<Spec, String> {
+    let mut v = serde_json::to_value(&spec).map_err(|e| format!("OCI spec: {e}"))?;
+    let has_uts = v["linux"]["namespaces"]
+        .as_array()
+        .is_some_and(|ns| ns.iter().any(|n| n["type"] == "uts"));
+    if !has_uts {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("hostname");
+        }
+    }
+    if let Some(p) = cgroups_path {
+        v["linux"]["cgroupsPath"] = json!(p);
+    }
+    // Runtimes refuse a spec version newer than theirs (crun 1.8 knows
+    // 1.0.x); nothing berth writes for them needs more (rro is refused).
+    v["ociVersion"] = json!("1.0.2");
+    serde_json::from_value(v).map_err(|e| format!("OCI spec: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +325,28 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(process_env(&c, &img()), ["PATH=/bin", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn delegated_spec_drops_a_hostname_it_cannot_set() {
+        let base = json!({
+            "ociVersion": "1.2.0", "root": {"path": "/r"}, "hostname": "h",
+            "linux": {"namespaces": [{"type": "mount"}]},
+        });
+        let spec: Spec = serde_json::from_value(base.clone()).unwrap();
+        let out = for_delegated(spec, Some("/berth/c1".into())).unwrap();
+        assert_eq!(out.hostname(), &None);
+        assert_eq!(out.version(), "1.0.2");
+        let linux = out.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/berth/c1"))
+        );
+        let mut with_uts = base;
+        with_uts["linux"]["namespaces"] = json!([{"type": "uts", "path": "/proc/1/ns/uts"}]);
+        let spec: Spec = serde_json::from_value(with_uts).unwrap();
+        let out = for_delegated(spec, None).unwrap();
+        assert_eq!(out.hostname().as_deref(), Some("h"));
+        assert_eq!(out.linux().as_ref().unwrap().cgroups_path(), &None);
     }
 }

@@ -5,6 +5,7 @@ pub mod asyncfd;
 pub mod bpf;
 pub mod exec;
 pub mod fdpass;
+pub mod hostrootfs;
 pub mod identity;
 pub mod imagevol;
 pub mod init;

@@ -8,6 +8,7 @@
 
 pub mod attach;
 pub mod crilog;
+mod delegated;
 pub mod zygote;
 
 use crate::linux::init::{self, InitPlan};
@@ -44,6 +45,10 @@ pub struct MonitorConfig {
     /// Unix socket serving attach sessions (see [`attach`]).
     #[serde(default)]
     pub attach_socket: Option<PathBuf>,
+    /// Run the container with this external OCI runtime instead of berth's
+    /// own init (the spec is the bundle's config.json).
+    #[serde(default)]
+    pub runtime: Option<crate::handlers::OciRuntime>,
 }
 
 /// The monitor's one-line answer on stdout once the init is ready.
@@ -108,6 +113,9 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         Ok(s) => s,
         Err(e) => return fail(format!("load spec {}: {e}", cfg.spec.display())),
     };
+    if let Some(rt) = cfg.runtime.clone() {
+        return delegated::run(&cfg, &rt, &spec);
+    }
     // Join the pod's namespaces here, so the init is cloned inside them (a
     // PID namespace can only be entered by a new child).
     let mut new_pid = false;
@@ -229,6 +237,20 @@ fn monitor(config_path: &Path) -> Result<(), String> {
         }
         None => (out_r, Some(err_r)),
     };
+    supervise(&cfg, pid, out_r, err_r, stdin_w, terminal, start_error)
+}
+
+/// Once the container process exists: answers the daemon, copies its
+/// output to the CRI log, serves attach, and records its exit.
+fn supervise(
+    cfg: &MonitorConfig,
+    pid: i32,
+    out_r: OwnedFd,
+    err_r: Option<OwnedFd>,
+    stdin_w: Option<OwnedFd>,
+    terminal: bool,
+    start_error: Option<String>,
+) -> Result<(), String> {
     // Listening before the daemon hears back, so an Attach right after
     // StartContainer finds the socket.
     let mut attach = attach::Attach::new(

@@ -271,8 +271,16 @@ pub fn resources_to_cri(
     }
 }
 
-pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {
+pub fn pod_info(
+    p: &PodRecord,
+    pods_dir: &std::path::Path,
+    handler: &crate::handlers::Handler,
+) -> PodInfo {
     PodInfo {
+        runtime: handler.oci().cloned(),
+        default_caps: handler
+            .builtin()
+            .and_then(|b| b.default_capabilities.clone()),
         id: p.id.clone(),
         ready: p.state == PodState::Ready,
         netns: p.netns.clone(),

@@ -49,6 +49,8 @@ pub enum ServeError {
     Streaming(#[from] crate::streaming::StreamingError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Handler(#[from] crate::handlers::HandlerError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -71,6 +73,8 @@ pub struct Daemon {
     pub container_stats: crate::container::stats::ContainerStats,
     pub pod_stats: crate::pod::stats::PodStats,
     pub streaming: Arc<crate::streaming::Streaming>,
+    /// The RuntimeClass handlers pods can pick.
+    pub handlers: crate::handlers::Handlers,
 }
 
 impl Daemon {
@@ -150,6 +154,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     sock_lock_path.push(".lock");
     let _sock_lock = take_lock("socket", &config.socket, PathBuf::from(sock_lock_path))?;
 
+    let handlers = crate::handlers::Handlers::load(&config.runtime, &config.state_dir)?;
     let images = ImageManager::open(&config)?;
     let cgroups = Arc::new(crate::cgroup::Cgroups::new(
         config.cgroup.mode,
@@ -186,6 +191,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         container_stats,
         pod_stats: crate::pod::stats::PodStats::new(),
         streaming,
+        handlers,
     });
     events::forward_exits(daemon.clone());
     if let Some(addr) = daemon.config.metrics.address {

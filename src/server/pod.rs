@@ -107,7 +107,10 @@ fn cri_state(s: PodState) -> i32 {
     }) as i32
 }
 
-pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
+pub fn spec_from(
+    req: cri::RunPodSandboxRequest,
+    handlers: &crate::handlers::Handlers,
+) -> Result<PodSpec, Status> {
     let c = req
         .config
         .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is required"))?;
@@ -130,10 +133,13 @@ pub fn spec_from(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
             )));
         }
     }
-    if !req.runtime_handler.is_empty() {
+    if handlers.get(&req.runtime_handler).is_none() {
         return Err(Status::invalid_argument(format!(
-            "RunPodSandbox {}/{}: unknown runtime handler {:?} (berth has only the default handler \"\")",
-            md.namespace, md.name, req.runtime_handler
+            "RunPodSandbox {}/{}: unknown runtime handler {:?} (known: {})",
+            md.namespace,
+            md.name,
+            req.runtime_handler,
+            handlers.names()
         )));
     }
     Ok(PodSpec {

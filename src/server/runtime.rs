@@ -98,14 +98,21 @@ impl RuntimeService for RuntimeApi {
             Ok(cri::StatusResponse {
                 status: Some(cri::RuntimeStatus { conditions }),
                 info,
-                runtime_handlers: vec![cri::RuntimeHandler {
-                    name: String::new(),
-                    features: Some(cri::RuntimeHandlerFeatures {
-                        recursive_read_only_mounts: crate::container::recursive_readonly_supported(
-                        ),
-                        user_namespaces: false,
-                    }),
-                }],
+                runtime_handlers: self
+                    .0
+                    .handlers
+                    .all()
+                    .iter()
+                    .map(|h| cri::RuntimeHandler {
+                        name: h.name.clone(),
+                        features: Some(cri::RuntimeHandlerFeatures {
+                            // runc 1.1 and crun 1.8 (Debian 12) lack "rro".
+                            recursive_read_only_mounts: h.builtin().is_some()
+                                && crate::container::recursive_readonly_supported(),
+                            user_namespaces: h.builtin().is_some_and(|b| b.user_namespaces),
+                        }),
+                    })
+                    .collect(),
                 features: Some(cri::RuntimeFeatures {
                     supplemental_groups_policy: true,
                     user_namespaces_host_network: false,
@@ -170,7 +177,7 @@ impl RuntimeService for RuntimeApi {
             .map(|m| format!("{}/{}", m.namespace, m.name))
             .unwrap_or_default();
         rpc("RunPodSandbox", &name, async {
-            let spec = pod::spec_from(req)?;
+            let spec = pod::spec_from(req, &self.0.handlers)?;
             let id = pod::blocking(&self.0, move |d| d.pods.run(spec)).await?;
             self.0.emit(&id, &id, Kind::ContainerCreatedEvent);
             self.0.emit(&id, &id, Kind::ContainerStartedEvent);
@@ -298,6 +305,19 @@ impl RuntimeService for RuntimeApi {
                 .images
                 .config_json(&image)
                 .map_err(|e| Status::internal(e.to_string()))?;
+            let handler = self
+                .0
+                .handlers
+                .get(&pod.spec.runtime_handler)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                    "CreateContainer {name}: pod sandbox {} uses runtime handler {:?}, which is \
+                     no longer configured (known: {})",
+                    pod.id,
+                    pod.spec.runtime_handler,
+                    self.0.handlers.names()
+                ))
+                })?;
             let mut volume_images = Vec::new();
             for m in &mut spec.mounts {
                 let Some(im) = m.image.as_mut() else { continue };
@@ -311,7 +331,7 @@ impl RuntimeService for RuntimeApi {
                 im.image_id = img.id.clone();
                 volume_images.push(img);
             }
-            let info = container::pod_info(&pod, self.0.pods.pods_dir());
+            let info = container::pod_info(&pod, self.0.pods.pods_dir(), handler);
             let pod_id = pod.id.clone();
             let d = self.0.clone();
             let id = tokio::task::spawn_blocking(move || {

@@ -135,8 +135,12 @@ impl Env {
 
     /// A registry holding the test images `push`, a daemon started with
     /// `opts` that has pulled the test images `pull`.
-    pub async fn start_images(push: &[&str], pull: &[&str], mut opts: BerthOpts) -> Env {
-        let ns = Netns::new();
+    pub async fn start_images(push: &[&str], pull: &[&str], opts: BerthOpts) -> Env {
+        Self::start_in(Netns::new(), push, pull, opts).await
+    }
+
+    /// As [`Env::start_images`] in a namespace the caller prepared.
+    pub async fn start_in(ns: Netns, push: &[&str], pull: &[&str], mut opts: BerthOpts) -> Env {
         let reg = Registry::start(&ns, RegistryOpts::default());
         for i in push {
             reg.push(i, &format!("{i}:latest"));

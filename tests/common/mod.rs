@@ -38,6 +38,7 @@
 pub mod breakout;
 pub mod devices;
 pub mod fixture;
+pub mod handlers;
 pub mod token_server;
 
 #[allow(unused_imports)]
