@@ -18,6 +18,7 @@
 use super::{sys, LinuxError};
 use rustix::fs::{MemfdFlags, SealFlags};
 use std::ffi::{CString, OsString};
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -46,6 +47,44 @@ fn is_sealed(fd: &std::fs::File) -> bool {
     rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| s.contains(SEALS))
 }
 
+/// The part of the ELF file `exe` that the kernel and the dynamic loader
+/// read: up to the end of its last PT_LOAD segment (and of the program
+/// headers). What follows, the debug line tables, symbols and section
+/// headers (about 100 MB of a release build's 120), would sit in the memfd,
+/// that is in RAM, for nothing; panics then print no symbol names, their
+/// messages and source locations stay. None if `exe` is not a 64-bit
+/// little-endian ELF file. Three header fields and the program headers are
+/// read by hand: an ELF crate for that would be out of proportion.
+fn loaded_len(exe: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    const PT_LOAD: u32 = 1;
+    let u64_at =
+        |b: &[u8], at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
+    let u16_at =
+        |b: &[u8], at: usize| Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let mut hdr = [0u8; 64];
+    exe.read_exact_at(&mut hdr, 0).ok()?;
+    // Magic, ELFCLASS64, ELFDATA2LSB.
+    if hdr[..4] != *b"\x7fELF" || hdr[4] != 2 || hdr[5] != 1 {
+        return None;
+    }
+    let phoff = u64_at(&hdr, 0x20)?;
+    let phentsize = u64::from(u16_at(&hdr, 0x36)?);
+    let phnum = u64::from(u16_at(&hdr, 0x38)?);
+    if phentsize < 56 {
+        return None;
+    }
+    let mut end = phoff.checked_add(phnum.checked_mul(phentsize)?)?;
+    let mut ph = [0u8; 56];
+    for i in 0..phnum {
+        exe.read_exact_at(&mut ph, phoff + i * phentsize).ok()?;
+        if u32::from_le_bytes(ph[..4].try_into().ok()?) == PT_LOAD {
+            end = end.max(u64_at(&ph, 8)?.checked_add(u64_at(&ph, 0x20)?)?);
+        }
+    }
+    Some(end)
+}
+
 /// Re-execs this process from a sealed memfd copy of its binary, unless it
 /// already runs from one. Only returns when it does (Ok) or on failure.
 /// Must be called before any thread is started.
@@ -62,7 +101,9 @@ pub fn reexec_sealed() -> Result<(), LinuxError> {
         .or_else(|_| rustix::fs::memfd_create("berth", flags))
         .map_err(sys("memfd_create for", path.display()))?;
     let mut copy = std::fs::File::from(memfd);
-    std::io::copy(&mut exe, &mut copy).map_err(sys("copy into a memfd", path.display()))?;
+    let len = loaded_len(&exe).unwrap_or(u64::MAX);
+    std::io::copy(&mut (&mut exe).take(len), &mut copy)
+        .map_err(sys("copy into a memfd", path.display()))?;
     rustix::fs::fcntl_add_seals(&copy, SEALS)
         .map_err(sys("seal the memfd copy of", path.display()))?;
     let cstr = |s: OsString| CString::new(s.into_vec()).map_err(sys("exec", path.display()));
@@ -133,6 +174,16 @@ pub fn name_after_argv0() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loaded_part_of_an_elf_file_is_found() {
+        let exe = std::fs::File::open("/proc/self/exe").unwrap();
+        let size = exe.metadata().unwrap().len();
+        let len = loaded_len(&exe).expect("the test binary is an ELF64 LE file");
+        assert!(len > 4096 && len <= size, "{len} of {size}");
+        let not_elf = std::fs::File::open("/proc/self/cmdline").unwrap();
+        assert_eq!(loaded_len(&not_elf), None);
+    }
 
     #[test]
     fn unsealed_process_execs_its_binary() {
