@@ -16,7 +16,7 @@ use nix::unistd::{chdir, pivot_root};
 use oci_spec::runtime::Spec;
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path, PathBuf};
 
 /// Everything the init needs besides the spec.
@@ -117,13 +117,23 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
             .unwrap_or("rslave"),
         &root,
     )?;
+    // The pod's user namespace: every mount is made from the host's (this
+    // mount namespace belongs to it, so the container's root can change no
+    // mount), and the init joins the pod's just before becoming the
+    // container's user.
+    let userns = UserNs::of(spec)?;
 
     // The overlay rootfs exists only in this mount namespace: when the
     // container's last process exits, it goes away with it.
-    chdir(p.layers_dir).map_err(|e| format!("chdir {}: {e}", p.layers_dir.display()))?;
+    let lowers = match &userns {
+        None => {
+            chdir(p.layers_dir).map_err(|e| format!("chdir {}: {e}", p.layers_dir.display()))?;
+            p.lowers.join(":")
+        }
+        Some(u) => u.stage_layers(p)?,
+    };
     let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        p.lowers.join(":"),
+        "lowerdir={lowers},upperdir={},workdir={}",
         p.upper.display(),
         p.work.display()
     );
@@ -137,7 +147,7 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     .map_err(|e| format!("mount overlay rootfs at {}: {e}", root.display()))?;
 
     for m in spec.mounts().as_deref().unwrap_or(&[]) {
-        mount_one(&root, m).map_err(|e| {
+        mount_one(&root, m, userns.as_ref()).map_err(|e| {
             format!(
                 "mount {} on {}: {e}",
                 m.source()
@@ -150,7 +160,8 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     }
     make_devices(&root)?;
     for d in linux.and_then(|l| l.devices().as_deref()).unwrap_or(&[]) {
-        make_device(&root, d).map_err(|e| format!("create device {}: {e}", d.path().display()))?;
+        make_device(&root, d, userns.as_ref())
+            .map_err(|e| format!("create device {}: {e}", d.path().display()))?;
     }
     if let Some(linux) = linux {
         for path in linux.masked_paths().as_deref().unwrap_or(&[]) {
@@ -191,7 +202,7 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     // Opened here, from the container's own devpts, so that the terminal's
     // name resolves inside the container (ttyname, /dev/tty).
     let pty_slave = match p.console {
-        Some(console) => Some(open_console(console, process.user())?),
+        Some(console) => Some(open_console(console, process.user(), userns.as_ref())?),
         None => None,
     };
     let cwd = process.cwd();
@@ -217,6 +228,11 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let env = process.env().clone().unwrap_or_default();
     let start_error =
         resolve_executable(args.first().map(String::as_str).unwrap_or(""), &env).err();
+    if let Some(u) = &userns {
+        // Last: from here on no capability reaches beyond the pod's namespaces.
+        nix::sched::setns(&u.fd, nix::sched::CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("join the pod's user namespace: {e}"))?;
+    }
 
     identity.enter().map_err(|(step, e)| {
         format!(
@@ -359,15 +375,20 @@ fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>)
             "rslave" => propagation = Some(MsFlags::MS_SLAVE | MsFlags::MS_REC),
             "shared" => propagation = Some(MsFlags::MS_SHARED),
             "rshared" => propagation = Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
-            // Handled by the caller (mount_setattr after the mount).
-            "rro" => {}
+            // Handled by the caller (mount_setattr after the mount; an
+            // idmapped clone with the pod's mappings instead of a bind).
+            "rro" | "idmap" => {}
             other => data.push(other.to_string()),
         }
     }
     (flags, data, propagation)
 }
 
-fn mount_one(root: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
+fn mount_one(
+    root: &Path,
+    m: &oci_spec::runtime::Mount,
+    userns: Option<&UserNs>,
+) -> Result<(), String> {
     let target = inside(root, m.destination())?;
     let options = m.options().clone().unwrap_or_default();
     let (flags, data, propagation) = flags_and_data(&options);
@@ -387,14 +408,20 @@ fn mount_one(root: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
             }
         }
         let rec = flags & MsFlags::MS_REC;
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | rec,
-            None::<&str>,
-        )
-        .map_err(|e| e.to_string())?;
+        if options.iter().any(|o| o == "idmap") {
+            let u = userns.ok_or("an idmapped mount needs the pod's user namespace")?;
+            super::idmap::bind_idmapped(&source, &target, u.fd.as_fd(), !rec.is_empty())
+                .map_err(|e| format!("idmapped bind mount: {e}"))?;
+        } else {
+            mount(
+                Some(&source),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | rec,
+                None::<&str>,
+            )
+            .map_err(|e| e.to_string())?;
+        }
         let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
         if !rest.is_empty() {
             // Bind mounts take their flags only on a remount.
@@ -455,8 +482,14 @@ fn set_root_propagation(mode: &str, root: &Path) -> Result<(), String> {
     .map_err(|e| format!("make {} private: {e}", parent.display()))
 }
 
-/// A device node of the spec, created with the host device's numbers.
-fn make_device(root: &Path, d: &oci_spec::runtime::LinuxDevice) -> Result<(), String> {
+/// A device node of the spec, created with the host device's numbers (by
+/// the init while still in the host's user namespace, so no bind is needed;
+/// its owner is the pod's id for it).
+fn make_device(
+    root: &Path,
+    d: &oci_spec::runtime::LinuxDevice,
+    userns: Option<&UserNs>,
+) -> Result<(), String> {
     use nix::sys::stat::{makedev, mknod, SFlag};
     use oci_spec::runtime::LinuxDeviceType as T;
     let target = inside(root, d.path())?;
@@ -481,10 +514,17 @@ fn make_device(root: &Path, d: &oci_spec::runtime::LinuxDevice) -> Result<(), St
         std::os::unix::fs::PermissionsExt::from_mode(mode.bits()),
     )
     .map_err(|e| format!("chmod: {e}"))?;
+    let (uid, gid) = match userns {
+        None => (d.uid(), d.gid()),
+        Some(u) => (
+            Some(u.host_uid(d.uid().unwrap_or(0))?),
+            Some(u.host_gid(d.gid().unwrap_or(0))?),
+        ),
+    };
     nix::unistd::chown(
         &target,
-        d.uid().map(nix::unistd::Uid::from_raw),
-        d.gid().map(nix::unistd::Gid::from_raw),
+        uid.map(nix::unistd::Uid::from_raw),
+        gid.map(nix::unistd::Gid::from_raw),
     )
     .map_err(|e| format!("chown: {e}"))
 }
@@ -577,7 +617,11 @@ pub fn join_namespace(path: &Path, kind: nix::sched::CloneFlags) -> Result<(), L
 /// Opens a new pty in the container's /dev/ptmx, hands its master to the
 /// monitor over `console` and returns the slave, owned by the container's
 /// user so that it can reopen its terminal.
-fn open_console(console: RawFd, user: &oci_spec::runtime::User) -> Result<OwnedFd, String> {
+fn open_console(
+    console: RawFd,
+    user: &oci_spec::runtime::User,
+    userns: Option<&UserNs>,
+) -> Result<OwnedFd, String> {
     use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(|e| format!("open /dev/ptmx: {e}"))?;
@@ -590,16 +634,106 @@ fn open_console(console: RawFd, user: &oci_spec::runtime::User) -> Result<OwnedF
         Mode::empty(),
     )
     .map_err(|e| format!("open {name}: {e}"))?;
+    let (uid, gid) = match userns {
+        None => (user.uid(), user.gid()),
+        Some(u) => (u.host_uid(user.uid())?, u.host_gid(user.gid())?),
+    };
     nix::unistd::fchown(
         &slave,
-        Some(nix::unistd::Uid::from_raw(user.uid())),
-        Some(nix::unistd::Gid::from_raw(user.gid())),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
     )
     .map_err(|e| format!("chown {name}: {e}"))?;
     // SAFETY: the console socket stays open for the whole setup.
     let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(console) };
-    use std::os::fd::AsFd;
     super::fdpass::send(sock, b"pty", &[master.as_fd()]).map_err(|e| e.to_string())?;
     nix::unistd::close(console).ok();
     Ok(slave)
+}
+
+/// The pod's user namespace as the init uses it.
+struct UserNs {
+    fd: std::fs::File,
+    uids: Vec<oci_spec::runtime::LinuxIdMapping>,
+    gids: Vec<oci_spec::runtime::LinuxIdMapping>,
+}
+
+impl UserNs {
+    fn of(spec: &Spec) -> Result<Option<UserNs>, String> {
+        let Some(linux) = spec.linux() else {
+            return Ok(None);
+        };
+        let Some(path) = linux
+            .namespaces()
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User)
+            .and_then(|n| n.path().clone())
+        else {
+            return Ok(None);
+        };
+        let fd = std::fs::File::open(&path)
+            .map_err(|e| format!("open user namespace {}: {e}", path.display()))?;
+        Ok(Some(UserNs {
+            fd,
+            uids: linux.uid_mappings().clone().unwrap_or_default(),
+            gids: linux.gid_mappings().clone().unwrap_or_default(),
+        }))
+    }
+
+    fn to_host(
+        map: &[oci_spec::runtime::LinuxIdMapping],
+        id: u32,
+        kind: &str,
+    ) -> Result<u32, String> {
+        map.iter()
+            .find(|m| {
+                id >= m.container_id() && (id as u64) < m.container_id() as u64 + m.size() as u64
+            })
+            .map(|m| m.host_id() + (id - m.container_id()))
+            .ok_or_else(|| format!("{kind} {id} is not mapped in the pod's user namespace"))
+    }
+
+    fn host_uid(&self, id: u32) -> Result<u32, String> {
+        Self::to_host(&self.uids, id, "uid")
+    }
+
+    fn host_gid(&self, id: u32) -> Result<u32, String> {
+        Self::to_host(&self.gids, id, "gid")
+    }
+
+    /// Idmapped clones of the image layers, mounted (in this mount
+    /// namespace only) under the container's directory; returns the
+    /// overlay lowerdir for them, relative to the working directory this
+    /// leaves. Layers owned by root on disk are owned by the pod's root in
+    /// the container; nothing is copied or chowned. The upper dir stays
+    /// plain: what the container writes belongs to its mapped ids on the
+    /// host, and its root directory to the pod's root.
+    fn stage_layers(&self, p: &InitPlan<'_>) -> Result<String, String> {
+        let uid = self.host_uid(0)?;
+        let gid = self.host_gid(0)?;
+        nix::unistd::chown(
+            p.upper,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| format!("chown {}: {e}", p.upper.display()))?;
+        let staging = p
+            .upper
+            .parent()
+            .ok_or("the upper dir has no parent")?
+            .join("idmapped-layers");
+        let mut names = Vec::with_capacity(p.lowers.len());
+        for (i, lower) in p.lowers.iter().enumerate() {
+            let target = staging.join(i.to_string());
+            std::fs::create_dir_all(&target)
+                .map_err(|e| format!("create {}: {e}", target.display()))?;
+            super::idmap::bind_idmapped(&p.layers_dir.join(lower), &target, self.fd.as_fd(), false)
+                .map_err(|e| format!("idmapped mount of layer {lower}: {e}"))?;
+            names.push(i.to_string());
+        }
+        chdir(&staging).map_err(|e| format!("chdir {}: {e}", staging.display()))?;
+        Ok(names.join(":"))
+    }
 }

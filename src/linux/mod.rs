@@ -5,6 +5,7 @@ pub mod asyncfd;
 pub mod exec;
 pub mod fdpass;
 pub mod identity;
+pub mod idmap;
 pub mod init;
 pub mod mountattr;
 pub mod netns;
@@ -13,6 +14,7 @@ pub mod pty;
 pub mod seccomp;
 pub mod shm;
 pub mod sysctl;
+pub mod userns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {

@@ -10,20 +10,31 @@ const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 #[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
+pub(super) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
 }
 
 fn mount_setattr(path: &CString, flags: libc::c_uint, attr: &MountAttr) -> std::io::Result<()> {
+    mount_setattr_at(libc::AT_FDCWD, path, flags, attr)
+}
+
+/// mount_setattr(2) on `path` relative to `dirfd` (AT_EMPTY_PATH in `flags`
+/// with an empty path: the mount `dirfd` itself, e.g. a detached tree).
+pub(super) fn mount_setattr_at(
+    dirfd: std::os::fd::RawFd,
+    path: &CString,
+    flags: libc::c_uint,
+    attr: &MountAttr,
+) -> std::io::Result<()> {
     // SAFETY: a NUL-terminated path and a live mount_attr of the size given;
-    // the kernel only reads them.
+    // the kernel only reads them. A bad dirfd is an error, not UB.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
+            dirfd,
             path.as_ptr(),
             flags,
             attr as *const MountAttr,

@@ -276,6 +276,7 @@ pub fn pod_info(p: &PodRecord, pods_dir: &std::path::Path) -> PodInfo {
             (None, NsMode::Node) => Some(std::path::PathBuf::from("/dev/shm")),
             (None, _) => None,
         },
+        userns: p.userns.clone().zip(p.spec.userns.clone()),
     }
 }
 

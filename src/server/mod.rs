@@ -69,6 +69,7 @@ pub struct Daemon {
     pub container_stats: crate::container::stats::ContainerStats,
     pub pod_stats: crate::pod::stats::PodStats,
     pub streaming: Arc<crate::streaming::Streaming>,
+    pub features: Arc<crate::features::RuntimeFeatures>,
 }
 
 /// Holds an exclusive flock for the life of the daemon.
@@ -119,7 +120,19 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     ));
     tracing::info!(enabled = cgroups.enabled(), "cgroup v2");
     let network = Arc::new(crate::network::Network::new(&config.network, &config.root));
-    let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone(), network)?;
+    let exe = std::env::current_exe()
+        .map_err(io("find berth's own binary", Path::new("/proc/self/exe")))?;
+    let features = Arc::new(crate::features::RuntimeFeatures::probe(
+        &exe,
+        images.image_fs_dir(),
+    ));
+    let pods = PodManager::open(
+        &config.root,
+        &config.state_dir,
+        cgroups.clone(),
+        network,
+        features.user_namespaces.clone(),
+    )?;
     let containers = ContainerManager::open(
         &config.root,
         &config.state_dir,
@@ -142,6 +155,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         container_stats,
         pod_stats: crate::pod::stats::PodStats::new(),
         streaming,
+        features,
     });
     events::forward_exits(daemon.clone());
     let socket = daemon.config.socket.clone();

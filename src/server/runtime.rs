@@ -103,12 +103,12 @@ impl RuntimeService for RuntimeApi {
                     features: Some(cri::RuntimeHandlerFeatures {
                         recursive_read_only_mounts: crate::container::recursive_readonly_supported(
                         ),
-                        user_namespaces: false,
+                        user_namespaces: self.0.features.user_namespaces.is_ok(),
                     }),
                 }],
                 features: Some(cri::RuntimeFeatures {
                     supplemental_groups_policy: true,
-                    user_namespaces_host_network: false,
+                    user_namespaces_host_network: self.0.features.user_namespaces_host_network,
                 }),
             })
         })

@@ -36,6 +36,7 @@
 #![allow(dead_code)]
 
 pub mod token_server;
+pub mod userns;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
