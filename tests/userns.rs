@@ -69,7 +69,7 @@ async fn userns_mappings_are_validated_and_exclusive() {
     env.run_pod(overlapping).await.unwrap();
 
     let free = host + 4 * POD_IDS;
-    let malformed: Vec<(&str, cri::UserNamespace, &str)> = vec![
+    let malformed: [(&str, cri::UserNamespace, &str); 5] = [
         (
             "empty",
             cri::UserNamespace {
