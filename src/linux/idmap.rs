@@ -1,5 +1,5 @@
-//! Idmapped mounts (mount_setattr MOUNT_ATTR_IDMAP, Linux >= 5.12; tmpfs
-//! >= 6.3): a detached copy of a mount tree whose files, seen through it,
+//! Idmapped mounts (mount_setattr MOUNT_ATTR_IDMAP, Linux 5.12 and later;
+//! tmpfs from 6.3): a detached copy of a mount tree whose files, seen through it,
 //! have their owners shifted by a user namespace's mappings. This is how a
 //! pod with its own user namespace sees image layers owned by root as owned
 //! by its own root, with no chown of the layers.
