@@ -120,6 +120,24 @@ pub fn run_checks() -> Vec<Item> {
         detail: format!("max_user_namespaces={max_userns}"),
         hint: "sysctl user.max_user_namespaces=15000 (needed for pods with hostUsers: false)",
     });
+    if let Ok(exe) = std::env::current_exe() {
+        let s = crate::linux::idmap::probe_with(&exe, &std::env::temp_dir());
+        for (name, r) in [
+            ("idmapped mounts: tmpfs", &s.tmpfs),
+            ("idmapped mounts: overlayfs layers", &s.overlay_layers),
+        ] {
+            items.push(Item {
+                name,
+                ok: r.is_ok(),
+                required: false,
+                detail: match r {
+                    Ok(()) => "supported".into(),
+                    Err(e) => e.clone(),
+                },
+                hint: "pods with hostUsers: false need Linux 6.3+ (idmapped tmpfs, overlayfs over idmapped layers)",
+            });
+        }
+    }
     let module =
         Path::new("/sys/module/nf_tables").exists() || read("/proc/modules").contains("nf_tables");
     // A kernel with nf_tables built in shows no module: a read-only listing

@@ -435,7 +435,7 @@ device_policy = "required"
 # Each [runtime.handlers.<name>] (a DNS label) is one of:
 #
 #   type = "builtin": berth's own runtime with its own defaults:
-#     user_namespaces = false        # its pods may ask for a user namespace
+#     user_namespaces = true         # its pods may ask for a user namespace
 #     default_capabilities = [...]   # base capability set (default: containerd's)
 #
 #   type = "oci": an external OCI runtime (runc, crun, youki...) that runs

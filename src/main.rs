@@ -5,6 +5,7 @@ mod check;
 mod config;
 mod container;
 mod failpoint;
+mod features;
 mod handlers;
 mod image;
 mod linux;
@@ -79,6 +80,14 @@ enum Cmd {
         #[arg(long, hide = true)]
         title_room: Option<String>,
     },
+    /// Report as JSON what the kernel can idmap (run by berth itself, in a
+    /// process of its own: it makes scratch mounts in a private namespace).
+    #[command(hide = true)]
+    ProbeIdmap {
+        /// A directory on the filesystem whose idmap support is wanted.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -122,6 +131,16 @@ fn main() -> ExitCode {
         Cmd::Pause { .. } => pod::pause::run(),
         Cmd::Monitor { zygote: true, .. } => monitor::zygote::serve(),
         Cmd::Monitor { config, .. } => monitor::run(&config.unwrap_or_default()),
+        Cmd::ProbeIdmap { dir } => match linux::idmap::probe(&dir) {
+            Ok(support) => {
+                println!("{}", serde_json::to_string(&support).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("berth probe-idmap: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Check => {
             if check::print_report(&check::run_checks()) {
                 ExitCode::SUCCESS

@@ -180,6 +180,8 @@ fn check_and_default_config() {
         "cgroup v2",
         "overlayfs",
         "user namespaces",
+        "idmapped mounts: tmpfs",
+        "idmapped mounts: overlayfs layers",
         "nftables",
         "seccomp",
     ] {

@@ -209,6 +209,8 @@ pub struct PodInfo {
     pub runtime: Option<crate::handlers::OciRuntime>,
     /// The built-in handler's base capability set (`None`: containerd's).
     pub default_caps: Option<Vec<String>>,
+    /// The pod's user namespace pin and mappings, when it has its own.
+    pub userns: Option<(PathBuf, crate::pod::userns::UserNsSpec)>,
 }
 
 pub struct ContainerManager {
@@ -917,6 +919,7 @@ impl ContainerManager {
             files_dir: &pod.files_dir,
             cgroup: rec.cgroup.is_some(),
             shm: pod.shm.as_deref(),
+            userns: pod.userns.as_ref().map(|(pin, u)| (pin.as_path(), u)),
         };
         let oom = effective_oom_score_adj(&rec.id, rec.spec.oom_score_adj);
         let oci = spec::build(

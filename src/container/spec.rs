@@ -59,6 +59,8 @@ pub struct PodContext<'a> {
     pub cgroup: bool,
     /// The pod's shared /dev/shm (host's /dev/shm for host-IPC pods).
     pub shm: Option<&'a Path>,
+    /// The pod's own user namespace (pin, mappings): the container joins it.
+    pub userns: Option<(&'a Path, &'a crate::pod::userns::UserNsSpec)>,
 }
 
 /// The PID namespace the container gets.
@@ -67,6 +69,13 @@ pub enum PidNs {
     Host,
     New,
     Join(std::path::PathBuf),
+}
+
+/// OCI LinuxIdMapping entries.
+fn oci_mappings(map: &[crate::pod::userns::IdRange]) -> Value {
+    map.iter()
+        .map(|r| json!({"containerID": r.container_id, "hostID": r.host_id, "size": r.length}))
+        .collect()
 }
 
 /// The process args as kubelet expects them merged: CRI command replaces the
@@ -142,16 +151,39 @@ pub fn build(
     };
     // Privileged containers get sysfs and cgroupfs read-write.
     let ro = if sec.privileged { "rw" } else { "ro" };
+    // In a user namespace, tmpfs and devpts are owned by the pod's root and
+    // tty group, as if mounted from inside it (the init mounts them from
+    // the host's namespace, before it joins the pod's).
+    let (tmpfs_owner, tty_gid) = match pod.userns {
+        Some((_, u)) => (
+            format!(
+                ",uid={},gid={}",
+                u.host_uid(0).unwrap_or(0),
+                u.host_gid(0).unwrap_or(0)
+            ),
+            u.host_gid(5),
+        ),
+        None => (String::new(), Some(5)),
+    };
+    let devpts_gid = tty_gid.map(|g| format!("gid={g}"));
+    let mut devpts_opts = vec![
+        "nosuid".to_string(),
+        "noexec".into(),
+        "newinstance".into(),
+        "ptmxmode=0666".into(),
+        "mode=0620".into(),
+    ];
+    devpts_opts.extend(devpts_gid);
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", format!("mode=755,size=65536k{tmpfs_owner}")]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": devpts_opts}),
         match pod.shm {
             Some(p) => {
                 json!({"destination": "/dev/shm", "type": "bind", "source": p, "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev"]})
             }
             None => {
-                json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+                json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", format!("mode=1777,size=65536k{tmpfs_owner}")]})
             }
         },
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
@@ -168,9 +200,16 @@ pub fn build(
     ] {
         // kubelet sends its own /etc/hosts as a CRI mount; that one wins.
         if !cri_dests.contains(&dest) {
+            let mut options = vec!["rbind", "rprivate"];
+            // berth's own files, owned by the host's root: idmapped with the
+            // pod's mappings (crun's "idmap" option), the pod's root owns
+            // them as it would without a user namespace.
+            if pod.userns.is_some() {
+                options.push("idmap");
+            }
             mounts.push(json!({
                 "destination": dest, "type": "bind",
-                "source": pod.files_dir.join(file), "options": ["rbind", "rprivate"],
+                "source": pod.files_dir.join(file), "options": options,
             }));
         }
     }
@@ -200,6 +239,9 @@ pub fn build(
         }));
     }
     let mut namespaces = vec![json!({"type": "mount"})];
+    if let Some((pin, _)) = pod.userns {
+        namespaces.push(json!({"type": "user", "path": pin}));
+    }
     if pod.cgroup {
         namespaces.push(json!({"type": "cgroup"}));
     }
@@ -238,6 +280,10 @@ pub fn build(
     });
     if let Some(s) = &sec.seccomp {
         linux["seccomp"] = s.clone();
+    }
+    if let Some((_, u)) = pod.userns {
+        linux["uidMappings"] = oci_mappings(&u.uids);
+        linux["gidMappings"] = oci_mappings(&u.gids);
     }
     let mut process = json!({
         "terminal": c.tty,

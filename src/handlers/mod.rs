@@ -41,7 +41,7 @@ pub enum HandlerConfig {
 }
 
 /// The built-in runtime with its own defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BuiltinConfig {
     /// Pods of this handler may ask for a user namespace (advertised in
@@ -50,6 +50,16 @@ pub struct BuiltinConfig {
     /// Capabilities a non-privileged container starts from before its
     /// security context adds or drops any; unset: containerd's default set.
     pub default_capabilities: Option<Vec<String>>,
+}
+
+impl Default for BuiltinConfig {
+    /// berth's own runtime: user namespaces where the kernel allows them.
+    fn default() -> Self {
+        BuiltinConfig {
+            user_namespaces: true,
+            default_capabilities: None,
+        }
+    }
 }
 
 /// An external OCI runtime.

@@ -68,14 +68,18 @@ const HELPER_GRACE: Duration = Duration::from_secs(2);
 /// processes may keep the pipes open for ever).
 const DRAIN: Duration = Duration::from_millis(100);
 
-/// Namespaces joined, in this order: mount last, since it moves the root.
-const NAMESPACES: [(&str, c_int); 6] = [
+/// Namespaces joined, in this order: mount after the others, since it
+/// moves the root; user last, as the container's init did (the mount
+/// namespace belongs to the host's user namespace: joining the pod's first
+/// would leave no right to join it).
+const NAMESPACES: [(&str, c_int); 7] = [
     ("ipc", libc::CLONE_NEWIPC),
     ("uts", libc::CLONE_NEWUTS),
     ("net", libc::CLONE_NEWNET),
     ("cgroup", libc::CLONE_NEWCGROUP),
     ("pid", libc::CLONE_NEWPID),
     ("mnt", libc::CLONE_NEWNS),
+    ("user", libc::CLONE_NEWUSER),
 ];
 
 // Report records: three native-endian i32 (kind, a, b), 12 bytes, so each
@@ -92,17 +96,17 @@ const REC_WARN: i32 = 3;
 const ST_DUMPABLE: i32 = 0;
 const ST_CGROUP: i32 = 1;
 const ST_SETNS: i32 = 2; // + index into NAMESPACES
-const ST_ROOT: i32 = 8;
-const ST_CLONE: i32 = 9;
-const ST_PIDFD: i32 = 10;
-const ST_PDEATHSIG: i32 = 14;
-const ST_CHDIR: i32 = 15;
-const ST_DUP2: i32 = 16;
-const ST_EXEC: i32 = 17;
-const ST_CTTY: i32 = 18;
+const ST_ROOT: i32 = 9;
+const ST_CLONE: i32 = 10;
+const ST_PIDFD: i32 = 11;
+const ST_PDEATHSIG: i32 = 15;
+const ST_CHDIR: i32 = 16;
+const ST_DUP2: i32 = 17;
+const ST_EXEC: i32 = 18;
+const ST_CTTY: i32 = 19;
 /// + identity::Step: the step of becoming the container's identity.
 const ST_IDENTITY: i32 = 100;
-const STAGES: [&str; 19] = [
+const STAGES: [&str; 20] = [
     "exec: prctl(PR_SET_DUMPABLE) in",
     "exec: join the cgroup of",
     "exec: join ipc namespace of",
@@ -111,6 +115,7 @@ const STAGES: [&str; 19] = [
     "exec: join cgroup namespace of",
     "exec: join pid namespace of",
     "exec: join mnt namespace of",
+    "exec: join user namespace of",
     "exec: enter the root of",
     "exec: start command in",
     "exec: pidfd_open for command in",
@@ -316,6 +321,7 @@ pub fn spawn(
             raw(&ns[3]),
             raw(&ns[4]),
             raw(&ns[5]),
+            raw(&ns[6]),
         ],
         cgroup_fd: raw(&cgroup),
         root_fd: root.as_raw_fd(),
@@ -502,8 +508,8 @@ fn pointers(strings: &[CString]) -> Vec<*const c_char> {
 
 /// Opens the target's namespaces that differ from the calling thread's (the
 /// helper is cloned from this thread, so it starts in these).
-fn open_namespaces(pid: i32, target: &str) -> Result<[Option<OwnedFd>; 6], LinuxError> {
-    let mut out: [Option<OwnedFd>; 6] = Default::default();
+fn open_namespaces(pid: i32, target: &str) -> Result<[Option<OwnedFd>; 7], LinuxError> {
+    let mut out: [Option<OwnedFd>; 7] = Default::default();
     for (slot, (name, _)) in out.iter_mut().zip(NAMESPACES) {
         let path = format!("/proc/{pid}/ns/{name}");
         let fd: OwnedFd = match std::fs::File::open(&path) {
@@ -679,7 +685,7 @@ impl Drop for Helper {
 /// copies of (no CLONE_VM).
 struct ChildArgs {
     /// Per NAMESPACES entry, -1 to stay.
-    ns_fds: [c_int; 6],
+    ns_fds: [c_int; 7],
     cgroup_fd: c_int,
     root_fd: c_int,
     in_fd: c_int,
@@ -855,6 +861,7 @@ extern "C" fn helper_main(arg: *mut c_void) -> c_int {
             a.ns_fds[3],
             a.ns_fds[4],
             a.ns_fds[5],
+            a.ns_fds[6],
             a.cgroup_fd,
             a.root_fd,
             a.in_fd,

@@ -124,12 +124,23 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
         &root,
     )?;
 
+    // The pod's user namespace: every mount is made from the host's (this
+    // mount namespace belongs to it, so the container's root can change no
+    // mount), and the init joins the pod's just before becoming the
+    // container's user.
+    let userns = UserNs::of(spec)?;
+
     // The overlay rootfs exists only in this mount namespace: when the
     // container's last process exits, it goes away with it.
-    chdir(p.layers_dir).map_err(|e| format!("chdir {}: {e}", p.layers_dir.display()))?;
+    let lowers = match &userns {
+        None => {
+            chdir(p.layers_dir).map_err(|e| format!("chdir {}: {e}", p.layers_dir.display()))?;
+            p.lowers.join(":")
+        }
+        Some(u) => u.stage_layers(p)?,
+    };
     let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        p.lowers.join(":"),
+        "lowerdir={lowers},upperdir={},workdir={}",
         p.upper.display(),
         p.work.display()
     );
@@ -151,7 +162,7 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let rootfd = rootfd.as_fd();
 
     for m in spec.mounts().as_deref().unwrap_or(&[]) {
-        mount_one(rootfd, m).map_err(|e| {
+        mount_one(rootfd, m, userns.as_ref()).map_err(|e| {
             format!(
                 "mount {} on {}: {e}",
                 m.source()
@@ -164,7 +175,8 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     }
     make_devices(rootfd)?;
     for d in linux.and_then(|l| l.devices().as_deref()).unwrap_or(&[]) {
-        make_device(rootfd, d).map_err(|e| format!("create device {}: {e}", d.path().display()))?;
+        make_device(rootfd, d, userns.as_ref())
+            .map_err(|e| format!("create device {}: {e}", d.path().display()))?;
     }
     if let Some(linux) = linux {
         for path in linux.masked_paths().as_deref().unwrap_or(&[]) {
@@ -205,7 +217,7 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     // Opened here, from the container's own devpts, so that the terminal's
     // name resolves inside the container (ttyname, /dev/tty).
     let pty_slave = match p.console {
-        Some(console) => Some(open_console(console, process.user())?),
+        Some(console) => Some(open_console(console, process.user(), userns.as_ref())?),
         None => None,
     };
     let cwd = process.cwd();
@@ -231,6 +243,11 @@ fn run(p: &InitPlan<'_>) -> Result<Never, String> {
     let env = process.env().clone().unwrap_or_default();
     let start_error =
         resolve_executable(args.first().map(String::as_str).unwrap_or(""), &env).err();
+    if let Some(u) = &userns {
+        // Last: from here on no capability reaches beyond the pod's namespaces.
+        nix::sched::setns(&u.fd, nix::sched::CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("join the pod's user namespace: {e}"))?;
+    }
 
     identity.enter().map_err(|(step, e)| {
         format!(
@@ -368,7 +385,9 @@ fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>)
             "shared" => propagation = Some(MsFlags::MS_SHARED),
             "rshared" => propagation = Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
             // Handled by the caller (mount_setattr after the mount).
-            "rro" => {}
+            // Handled by the caller (an idmapped clone with the pod's
+            // mappings; mount_setattr after the mount).
+            "rro" | "idmap" => {}
             other => data.push(other.to_string()),
         }
     }
@@ -396,7 +415,11 @@ fn mount_attrs(flags: MsFlags) -> MountAttrFlags {
     a
 }
 
-fn mount_one(root: BorrowedFd<'_>, m: &oci_spec::runtime::Mount) -> Result<(), String> {
+fn mount_one(
+    root: BorrowedFd<'_>,
+    m: &oci_spec::runtime::Mount,
+    userns: Option<&UserNs>,
+) -> Result<(), String> {
     let options = m.options().clone().unwrap_or_default();
     let (flags, data, propagation) = flags_and_data(&options);
     let typ = m.typ().clone().unwrap_or_default();
@@ -405,8 +428,14 @@ fn mount_one(root: BorrowedFd<'_>, m: &oci_spec::runtime::Mount) -> Result<(), S
     let is_bind = flags.contains(MsFlags::MS_BIND) || typ == "bind";
     let (tree, create) = if is_bind {
         let meta = std::fs::metadata(&source).map_err(|e| format!("source: {e}"))?;
-        let tree = mountfd::clone_tree(&source, flags.contains(MsFlags::MS_REC))
-            .map_err(|e| format!("clone source: {e}"))?;
+        let rec = flags.contains(MsFlags::MS_REC);
+        let tree = if options.iter().any(|o| o == "idmap") {
+            let u = userns.ok_or("an idmapped mount needs the pod's user namespace")?;
+            super::idmap::idmapped_tree(&source, u.fd.as_fd(), rec)
+                .map_err(|e| format!("idmapped clone of the source: {e}"))?
+        } else {
+            mountfd::clone_tree(&source, rec).map_err(|e| format!("clone source: {e}"))?
+        };
         // Flags of a bind apply to its top mount (as a remount would);
         // "rro" extends read-only to the mounts below.
         mountfd::set_attrs(&tree, attrs, false).map_err(|e| format!("set flags: {e}"))?;
@@ -475,8 +504,14 @@ fn parent_in_root<'a>(
     Ok((dir, name))
 }
 
-/// A device node of the spec, created with the host device's numbers.
-fn make_device(root: BorrowedFd<'_>, d: &oci_spec::runtime::LinuxDevice) -> Result<(), String> {
+/// A device node of the spec, created with the host device's numbers (by
+/// the init while still in the host's user namespace, so no bind is needed;
+/// its owner is the pod's id for it).
+fn make_device(
+    root: BorrowedFd<'_>,
+    d: &oci_spec::runtime::LinuxDevice,
+    userns: Option<&UserNs>,
+) -> Result<(), String> {
     use oci_spec::runtime::LinuxDeviceType as T;
     use rustix::fs::{AtFlags, FileType};
     match open_in_root(root, d.path(), Create::Nothing) {
@@ -511,11 +546,18 @@ fn make_device(root: BorrowedFd<'_>, d: &oci_spec::runtime::LinuxDevice) -> Resu
             rustix::fs::chmod(format!("/proc/self/fd/{}", node.as_raw_fd()), mode)
         })
         .map_err(|e| format!("chmod: {e}"))?;
+    let (uid, gid) = match userns {
+        None => (d.uid(), d.gid()),
+        Some(u) => (
+            Some(u.host_uid(d.uid().unwrap_or(0))?),
+            Some(u.host_gid(d.gid().unwrap_or(0))?),
+        ),
+    };
     rustix::fs::chownat(
         &node,
         "",
-        d.uid().map(rustix::fs::Uid::from_raw),
-        d.gid().map(rustix::fs::Gid::from_raw),
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
         AtFlags::EMPTY_PATH,
     )
     .map_err(|e| format!("chown: {e}"))
@@ -594,7 +636,11 @@ pub fn join_namespace(path: &Path, kind: nix::sched::CloneFlags) -> Result<(), L
 /// Opens a new pty in the container's /dev/ptmx, hands its master to the
 /// monitor over `console` and returns the slave, owned by the container's
 /// user so that it can reopen its terminal.
-fn open_console(console: RawFd, user: &oci_spec::runtime::User) -> Result<OwnedFd, String> {
+fn open_console(
+    console: RawFd,
+    user: &oci_spec::runtime::User,
+    userns: Option<&UserNs>,
+) -> Result<OwnedFd, String> {
     use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(|e| format!("open /dev/ptmx: {e}"))?;
@@ -607,16 +653,106 @@ fn open_console(console: RawFd, user: &oci_spec::runtime::User) -> Result<OwnedF
         Mode::empty(),
     )
     .map_err(|e| format!("open {name}: {e}"))?;
+    let (uid, gid) = match userns {
+        None => (user.uid(), user.gid()),
+        Some(u) => (u.host_uid(user.uid())?, u.host_gid(user.gid())?),
+    };
     nix::unistd::fchown(
         &slave,
-        Some(nix::unistd::Uid::from_raw(user.uid())),
-        Some(nix::unistd::Gid::from_raw(user.gid())),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
     )
     .map_err(|e| format!("chown {name}: {e}"))?;
     // SAFETY: the console socket stays open for the whole setup.
     let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(console) };
-    use std::os::fd::AsFd;
     super::fdpass::send(sock, b"pty", &[master.as_fd()]).map_err(|e| e.to_string())?;
     nix::unistd::close(console).ok();
     Ok(slave)
+}
+
+/// The pod's user namespace as the init uses it.
+struct UserNs {
+    fd: std::fs::File,
+    uids: Vec<oci_spec::runtime::LinuxIdMapping>,
+    gids: Vec<oci_spec::runtime::LinuxIdMapping>,
+}
+
+impl UserNs {
+    fn of(spec: &Spec) -> Result<Option<UserNs>, String> {
+        let Some(linux) = spec.linux() else {
+            return Ok(None);
+        };
+        let Some(path) = linux
+            .namespaces()
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User)
+            .and_then(|n| n.path().clone())
+        else {
+            return Ok(None);
+        };
+        let fd = std::fs::File::open(&path)
+            .map_err(|e| format!("open user namespace {}: {e}", path.display()))?;
+        Ok(Some(UserNs {
+            fd,
+            uids: linux.uid_mappings().clone().unwrap_or_default(),
+            gids: linux.gid_mappings().clone().unwrap_or_default(),
+        }))
+    }
+
+    fn to_host(
+        map: &[oci_spec::runtime::LinuxIdMapping],
+        id: u32,
+        kind: &str,
+    ) -> Result<u32, String> {
+        map.iter()
+            .find(|m| {
+                id >= m.container_id() && (id as u64) < m.container_id() as u64 + m.size() as u64
+            })
+            .map(|m| m.host_id() + (id - m.container_id()))
+            .ok_or_else(|| format!("{kind} {id} is not mapped in the pod's user namespace"))
+    }
+
+    fn host_uid(&self, id: u32) -> Result<u32, String> {
+        Self::to_host(&self.uids, id, "uid")
+    }
+
+    fn host_gid(&self, id: u32) -> Result<u32, String> {
+        Self::to_host(&self.gids, id, "gid")
+    }
+
+    /// Idmapped clones of the image layers, mounted (in this mount
+    /// namespace only) under the container's directory; returns the
+    /// overlay lowerdir for them, relative to the working directory this
+    /// leaves. Layers owned by root on disk are owned by the pod's root in
+    /// the container; nothing is copied or chowned. The upper dir stays
+    /// plain: what the container writes belongs to its mapped ids on the
+    /// host, and its root directory to the pod's root.
+    fn stage_layers(&self, p: &InitPlan<'_>) -> Result<String, String> {
+        let uid = self.host_uid(0)?;
+        let gid = self.host_gid(0)?;
+        nix::unistd::chown(
+            p.upper,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| format!("chown {}: {e}", p.upper.display()))?;
+        let staging = p
+            .upper
+            .parent()
+            .ok_or("the upper dir has no parent")?
+            .join("idmapped-layers");
+        let mut names = Vec::with_capacity(p.lowers.len());
+        for (i, lower) in p.lowers.iter().enumerate() {
+            let target = staging.join(i.to_string());
+            std::fs::create_dir_all(&target)
+                .map_err(|e| format!("create {}: {e}", target.display()))?;
+            super::idmap::bind_idmapped(&p.layers_dir.join(lower), &target, self.fd.as_fd(), false)
+                .map_err(|e| format!("idmapped mount of layer {lower}: {e}"))?;
+            names.push(i.to_string());
+        }
+        chdir(&staging).map_err(|e| format!("chdir {}: {e}", staging.display()))?;
+        Ok(names.join(":"))
+    }
 }

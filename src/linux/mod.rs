@@ -7,6 +7,7 @@ pub mod exec;
 pub mod fdpass;
 pub mod hostrootfs;
 pub mod identity;
+pub mod idmap;
 pub mod imagevol;
 pub mod init;
 pub mod mountattr;
@@ -19,6 +20,7 @@ pub mod seccomp;
 pub mod selfexe;
 pub mod shm;
 pub mod sysctl;
+pub mod userns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {

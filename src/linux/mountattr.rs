@@ -10,19 +10,21 @@ use std::path::{Path, PathBuf};
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
 #[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
+pub(super) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
 }
 
 fn mount_setattr(path: &CString, flags: libc::c_uint, attr: &MountAttr) -> std::io::Result<()> {
-    setattr_at(libc::AT_FDCWD, path, flags, attr)
+    mount_setattr_at(libc::AT_FDCWD, path, flags, attr)
 }
 
-fn setattr_at(
-    dirfd: libc::c_int,
+/// mount_setattr(2) on `path` relative to `dirfd` (AT_EMPTY_PATH in `flags`
+/// with an empty path: the mount `dirfd` itself, e.g. a detached tree).
+pub(super) fn mount_setattr_at(
+    dirfd: std::os::fd::RawFd,
     path: &CString,
     flags: libc::c_uint,
     attr: &MountAttr,
@@ -86,7 +88,7 @@ pub fn set_on_fd(
     if recursive {
         flags |= AT_RECURSIVE;
     }
-    setattr_at(fd.as_raw_fd(), &CString::default(), flags, &attr)
+    mount_setattr_at(fd.as_raw_fd(), &CString::default(), flags, &attr)
 }
 
 /// The mount point (in this process's mount namespace) holding `path`.

@@ -100,7 +100,7 @@ pub fn is_pinned(pin: &Path) -> bool {
 }
 
 /// `ip link set lo up` in the calling thread's network namespace.
-fn loopback_up() -> std::io::Result<()> {
+pub(super) fn loopback_up() -> std::io::Result<()> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
     let sock = socket(
         AddressFamily::Inet,

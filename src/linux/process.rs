@@ -21,6 +21,23 @@ pub struct Namespaces<'a> {
     pub hostname: Option<&'a str>,
     /// A cgroup v2 directory the process enters before it execs.
     pub cgroup: Option<&'a Path>,
+    /// Create the process in a new user namespace, which then owns the
+    /// other namespaces created with it.
+    pub user: Option<NewUserNs<'a>>,
+}
+
+/// A user namespace made with the process: its mappings are written from
+/// here (the parent, privileged over it) before the child goes on, and it is
+/// pinned so that it outlives the process.
+#[derive(Debug, Clone)]
+pub struct NewUserNs<'a> {
+    /// (container id, host id, length) ranges.
+    pub uids: &'a [(u32, u32, u32)],
+    pub gids: &'a [(u32, u32, u32)],
+    pub pin: &'a Path,
+    /// Also create the network namespace (owned by the user namespace) and
+    /// pin it here with `lo` up. Excludes `join_net`.
+    pub net_pin: Option<&'a Path>,
 }
 
 /// A started process: its pid and the kernel start time that identifies it.
@@ -77,6 +94,14 @@ pub fn spawn_in_namespaces(
     if ns.new_pid {
         flags |= libc::CLONE_NEWPID;
     }
+    if let Some(u) = &ns.user {
+        // With CLONE_NEWUSER the kernel makes the user namespace first, so
+        // every other namespace of this clone belongs to it.
+        flags |= libc::CLONE_NEWUSER;
+        if u.net_pin.is_some() {
+            flags |= libc::CLONE_NEWNET;
+        }
+    }
     let null_fd = devnull.as_raw_fd();
     let net_fd = netns.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     let host_ptr = hostname
@@ -89,8 +114,16 @@ pub fn spawn_in_namespaces(
     // means the child's setup (namespaces, cgroup, hostname) is over.
     let (done_r, done_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe for", &what))?;
+    // The child waits for a byte here while its user namespace is set up.
+    let (go_r, go_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe for", &what))?;
     let mut stack = vec![0u8; 64 * 1024];
     let child = ChildArgs {
+        go_fd: if ns.user.is_some() {
+            go_r.as_raw_fd()
+        } else {
+            -1
+        },
         exe: exe_c.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -121,6 +154,17 @@ pub fn spawn_in_namespaces(
         return Err(sys("clone", &what)(std::io::Error::last_os_error()));
     }
     drop(done_w);
+    drop(go_r);
+    if let Some(u) = &ns.user {
+        if let Err(e) = super::userns::set_up(pid, u) {
+            // SAFETY: kill(2) of our own, not yet reaped child: the pid is ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            return Err(e);
+        }
+        nix::unistd::write(&go_w, b"g").map_err(sys("release", &what))?;
+    }
+    drop(go_w);
     let mut buf = [0u8; 1];
     while let Err(nix::errno::Errno::EINTR) = nix::unistd::read(&done_r, &mut buf) {}
     // A child that failed its setup has exited with a code naming the step.
@@ -134,6 +178,7 @@ pub fn spawn_in_namespaces(
             122 => "set the hostname",
             123 => "set up stdio",
             124 => "enter the cgroup",
+            125 => "wait for its user namespace",
             _ => "exec",
         };
         return Err(sys("start", &what)(std::io::Error::other(format!(
@@ -145,6 +190,7 @@ pub fn spawn_in_namespaces(
 }
 
 struct ChildArgs {
+    go_fd: libc::c_int,
     exe: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -161,6 +207,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // it refers to memory copied the same way. Only raw syscalls follow.
     unsafe {
         let a = &*(arg as *const ChildArgs);
+        if a.go_fd >= 0 {
+            let mut b = 0u8;
+            loop {
+                let n = libc::read(a.go_fd, (&mut b as *mut u8).cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n == 0 || *libc::__errno_location() != libc::EINTR {
+                    libc::_exit(125);
+                }
+            }
+        }
         if !a.procs.is_null() {
             let fd = libc::open(a.procs, libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {

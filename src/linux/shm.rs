@@ -5,10 +5,14 @@ use super::{sys, LinuxError};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::path::Path;
 
-/// Mounts a fresh tmpfs at `dir` (created if missing).
-pub fn mount_shm(dir: &Path, size_bytes: u64) -> Result<(), LinuxError> {
+/// Mounts a fresh tmpfs at `dir` (created if missing), its root owned by
+/// `owner` (uid, gid) when given.
+pub fn mount_shm(dir: &Path, size_bytes: u64, owner: Option<(u32, u32)>) -> Result<(), LinuxError> {
     std::fs::create_dir_all(dir).map_err(sys("create shm dir", dir.display()))?;
-    let data = format!("mode=1777,size={size_bytes}");
+    let mut data = format!("mode=1777,size={size_bytes}");
+    if let Some((uid, gid)) = owner {
+        data.push_str(&format!(",uid={uid},gid={gid}"));
+    }
     mount(
         Some("shm"),
         dir,

@@ -8,6 +8,7 @@
 mod files;
 pub mod pause;
 pub mod stats;
+pub mod userns;
 
 use crate::linux::process::{self, Namespaces, ProcessId};
 use crate::linux::{netns, LinuxError};
@@ -47,6 +48,9 @@ pub enum PodError {
         id: String,
         source: crate::network::NetworkError,
     },
+    /// Valid, but not possible now or here (FailedPrecondition).
+    #[error("{0}")]
+    Precondition(String),
     #[error("pod sandbox {id}: {what}: {source}")]
     Io {
         id: String,
@@ -102,6 +106,9 @@ pub struct PodSpec {
     /// Host ports to forward (mappings with host_port 0 are left out).
     #[serde(default)]
     pub port_mappings: Vec<crate::network::PortMapping>,
+    /// The pod's own user namespace (CRI userns mode POD); `None`: the host's.
+    #[serde(default)]
+    pub userns: Option<userns::UserNsSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +153,9 @@ pub struct PodRecord {
     /// The pod's addresses on its network, primary first.
     #[serde(default)]
     pub ips: Vec<std::net::IpAddr>,
+    /// The pin of the pod's user namespace (`pods/<id>/userns`), when it has one.
+    #[serde(default)]
+    pub userns: Option<PathBuf>,
 }
 
 impl PodRecord {
@@ -172,6 +182,8 @@ pub struct PodManager {
     pods_dir: PathBuf,
     netns_dir: PathBuf,
     exe: PathBuf,
+    /// Whether pods may have their own user namespace (the startup probe).
+    userns_support: Result<(), String>,
     pods: Mutex<BTreeMap<String, PodRecord>>,
     /// Serialises Run/Stop/Remove: each touches several kernel objects.
     ops: Mutex<()>,
@@ -184,6 +196,7 @@ impl PodManager {
         state_dir: &Path,
         cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
         network: std::sync::Arc<crate::network::Network>,
+        userns_support: Result<(), String>,
     ) -> Result<std::sync::Arc<PodManager>, PodError> {
         let io = |what: &str, source| PodError::Io {
             id: String::new(),
@@ -203,6 +216,7 @@ impl PodManager {
             pods_dir,
             netns_dir,
             exe,
+            userns_support,
             pods: Mutex::new(BTreeMap::new()),
             ops: Mutex::new(()),
         };
@@ -265,6 +279,7 @@ impl PodManager {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     // A directory without a record: a pod whose first write never happened.
+                    let _ = netns::remove_pin(&e.path().join("userns"));
                     let _ = std::fs::remove_dir_all(e.path());
                     continue;
                 }
@@ -280,7 +295,8 @@ impl PodManager {
                 }
                 PodState::Ready => {
                     let alive = rec.infra.is_some_and(|i| process::is_alive(i.into()));
-                    let net_ok = rec.netns.as_deref().is_none_or(netns::is_pinned);
+                    let net_ok = rec.netns.as_deref().is_none_or(netns::is_pinned)
+                        && rec.userns.as_deref().is_none_or(netns::is_pinned);
                     let mut rec = rec;
                     if !alive || !net_ok {
                         tracing::warn!(pod = %id, infra_alive = alive, netns = net_ok, "pod sandbox is no longer ready");
@@ -338,6 +354,9 @@ impl PodManager {
         if let Some(shm) = &rec.shm {
             crate::linux::shm::remove_shm(shm).map_err(kernel)?;
         }
+        if let Some(pin) = &rec.userns {
+            netns::remove_pin(pin).map_err(kernel)?;
+        }
         if let Some(cg) = &rec.cgroup {
             self.cgroups.remove(cg).map_err(|e| PodError::Io {
                 id: rec.id.clone(),
@@ -378,7 +397,13 @@ impl PodManager {
             .check_applicable(&format!("pod {}", spec.name), &spec.resources)
             .map_err(|e| PodError::Invalid(e.to_string()))?;
         check_sysctls(&spec)?;
+        if let Some(u) = &spec.userns {
+            self.check_userns(&spec, u)?;
+        }
         let _op = lock(&self.ops);
+        if let Some(u) = &spec.userns {
+            self.check_userns_overlap(&spec, u)?;
+        }
         if let Some(other) = lock(&self.pods).values().find(|p| {
             p.spec.name == spec.name
                 && p.spec.namespace == spec.namespace
@@ -399,6 +424,7 @@ impl PodManager {
             id: id.clone(),
             netns: (spec.network != NsMode::Node).then(|| self.netns_dir.join(&id)),
             shm: (spec.ipc != NsMode::Node).then(|| dir.join("shm")),
+            userns: spec.userns.is_some().then(|| dir.join("userns")),
             cgroup: self.cgroups.path_for(&spec.cgroup_parent, &id),
             spec,
             state: PodState::Creating,
@@ -419,22 +445,23 @@ impl PodManager {
                 id: id.clone(),
                 source,
             };
-            if let Some(pin) = &rec.netns {
-                netns::create_pinned(pin).map_err(kernel)?;
-                crate::failpoint::hit("pod-after-netns");
-                rec.ips = self
-                    .network
-                    .setup(&network_of(&rec, pin))
-                    .map_err(|source| PodError::Network {
-                        id: id.clone(),
-                        source,
-                    })?;
-                if !rec.ips.is_empty() {
-                    self.write_files(&rec)?;
+            // A user-namespaced pod's netns must belong to its user
+            // namespace: it is made with the infra process, below.
+            if rec.userns.is_none() {
+                if let Some(pin) = &rec.netns {
+                    netns::create_pinned(pin).map_err(kernel)?;
+                    crate::failpoint::hit("pod-after-netns");
+                    self.set_up_network(&mut rec)?;
                 }
             }
             if let Some(shm) = &rec.shm {
-                crate::linux::shm::mount_shm(shm, SHM_SIZE).map_err(kernel)?;
+                // Owned by the pod's root, as if mounted inside its namespace.
+                let owner = rec
+                    .spec
+                    .userns
+                    .as_ref()
+                    .and_then(|u| u.host_uid(0).zip(u.host_gid(0)));
+                crate::linux::shm::mount_shm(shm, SHM_SIZE, owner).map_err(kernel)?;
             }
             if let Some(cg) = &rec.cgroup {
                 self.cgroups
@@ -452,13 +479,26 @@ impl PodManager {
                     })?;
             }
             let host_uts = rec.spec.network == NsMode::Node;
+            let (uids, gids) = rec
+                .spec
+                .userns
+                .as_ref()
+                .map(|u| (ranges(&u.uids), ranges(&u.gids)))
+                .unwrap_or_default();
+            let user = rec.userns.as_deref().map(|pin| process::NewUserNs {
+                uids: &uids,
+                gids: &gids,
+                pin,
+                net_pin: rec.netns.as_deref(),
+            });
             let ns = Namespaces {
-                join_net: rec.netns.as_deref(),
+                join_net: rec.netns.as_deref().filter(|_| user.is_none()),
                 new_ipc: rec.spec.ipc != NsMode::Node,
                 new_uts: !host_uts,
                 new_pid: rec.spec.pid == NsMode::Pod,
                 hostname: (!host_uts).then(|| rec.hostname()),
                 cgroup: rec.cgroup.as_deref(),
+                user,
             };
             let pods_dir = self.pods_dir.display().to_string();
             let args = ["pause", "--pod", &id, "--pods-dir", &pods_dir];
@@ -474,6 +514,11 @@ impl PodManager {
                 pid: p.pid,
                 start_time: p.start_time,
             });
+            if rec.userns.is_some() && rec.netns.is_some() {
+                // Recorded first: a failure must kill the infra process.
+                self.persist(&rec)?;
+                self.set_up_network(&mut rec)?;
+            }
             if !rec.spec.sysctls.is_empty() {
                 // Recorded first: a failure must kill the infra process.
                 self.persist(&rec)?;
@@ -498,6 +543,70 @@ impl PodManager {
             self.watch(id.clone(), i);
         }
         Ok(id)
+    }
+
+    /// Connects the pod's pinned netns and records its addresses.
+    fn set_up_network(&self, rec: &mut PodRecord) -> Result<(), PodError> {
+        let Some(pin) = rec.netns.clone() else {
+            return Ok(());
+        };
+        rec.ips = self
+            .network
+            .setup(&network_of(rec, &pin))
+            .map_err(|source| PodError::Network {
+                id: rec.id.clone(),
+                source,
+            })?;
+        if !rec.ips.is_empty() {
+            self.write_files(rec)?;
+        }
+        Ok(())
+    }
+
+    /// A pod's own user namespace: possible here, well-formed, and with
+    /// every other namespace its own (kubelet's hostUsers: false rules).
+    fn check_userns(&self, spec: &PodSpec, u: &userns::UserNsSpec) -> Result<(), PodError> {
+        let pod = format!("pod {}/{}", spec.namespace, spec.name);
+        if let Err(e) = &self.userns_support {
+            return Err(PodError::Precondition(format!(
+                "{pod}: this node cannot run pods with their own user namespace: {e}"
+            )));
+        }
+        u.validate()
+            .map_err(|e| PodError::Invalid(format!("{pod}: {e}")))?;
+        for (what, mode) in [
+            ("network", spec.network),
+            ("IPC", spec.ipc),
+            ("PID", spec.pid),
+        ] {
+            if mode == NsMode::Node {
+                return Err(PodError::Invalid(format!(
+                    "{pod}: a pod with its own user namespace cannot use the host's {what} namespace"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// No two running pods may share host ids; sandboxes of the same pod
+    /// (kubelet's next attempt) reuse its range. Called under `ops`.
+    fn check_userns_overlap(&self, spec: &PodSpec, u: &userns::UserNsSpec) -> Result<(), PodError> {
+        let pods = lock(&self.pods);
+        for p in pods.values() {
+            let Some(theirs) = &p.spec.userns else {
+                continue;
+            };
+            if p.state == PodState::NotReady || p.spec.uid == spec.uid {
+                continue;
+            }
+            if let Some(why) = u.host_overlap(theirs) {
+                return Err(PodError::Precondition(format!(
+                    "pod {}/{}: its user namespace mappings overlap those of running pod sandbox {} ({}/{}): {why}",
+                    spec.namespace, spec.name, p.id, p.spec.namespace, p.spec.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn write_files(&self, rec: &PodRecord) -> Result<(), PodError> {
@@ -688,6 +797,12 @@ fn check_sysctls(spec: &PodSpec) -> Result<(), PodError> {
         }
     }
     Ok(())
+}
+
+fn ranges(map: &[userns::IdRange]) -> Vec<(u32, u32, u32)> {
+    map.iter()
+        .map(|r| (r.container_id, r.host_id, r.length))
+        .collect()
 }
 
 fn network_of(rec: &PodRecord, pin: &Path) -> crate::network::PodNetwork {

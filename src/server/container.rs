@@ -299,6 +299,7 @@ pub fn pod_info(
             (None, NsMode::Node) => Some(std::path::PathBuf::from("/dev/shm")),
             (None, _) => None,
         },
+        userns: p.userns.clone().zip(p.spec.userns.clone()),
     }
 }
 

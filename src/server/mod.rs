@@ -75,6 +75,7 @@ pub struct Daemon {
     pub streaming: Arc<crate::streaming::Streaming>,
     /// The RuntimeClass handlers pods can pick.
     pub handlers: crate::handlers::Handlers,
+    pub features: Arc<crate::features::RuntimeFeatures>,
 }
 
 impl Daemon {
@@ -167,7 +168,19 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("no usable cgroup v2, so no container device policy: non-privileged containers will be refused (set device_policy = \"best-effort\" in [security] to run them without one)");
     }
     let network = Arc::new(crate::network::Network::new(&config.network, &config.root));
-    let pods = PodManager::open(&config.root, &config.state_dir, cgroups.clone(), network)?;
+    let exe = std::env::current_exe()
+        .map_err(io("find berth's own binary", Path::new("/proc/self/exe")))?;
+    let features = Arc::new(crate::features::RuntimeFeatures::probe(
+        &exe,
+        images.image_fs_dir(),
+    ));
+    let pods = PodManager::open(
+        &config.root,
+        &config.state_dir,
+        cgroups.clone(),
+        network,
+        features.user_namespaces.clone(),
+    )?;
     let containers = ContainerManager::open(
         &config.root,
         &config.state_dir,
@@ -192,6 +205,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         pod_stats: crate::pod::stats::PodStats::new(),
         streaming,
         handlers,
+        features,
     });
     events::forward_exits(daemon.clone());
     if let Some(addr) = daemon.config.metrics.address {

@@ -1,6 +1,7 @@
 //! Pod sandbox RPCs: CRI <-> pod domain types.
 
 use super::Daemon;
+use crate::pod::userns::{IdRange, UserNsSpec};
 use crate::pod::{DnsConfig, NsMode, PodError, PodFilter, PodRecord, PodSpec, PodState};
 use cri_proto::v1 as cri;
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ pub fn status_of(e: PodError) -> Status {
         PodError::NotFound(_) => Status::not_found(msg),
         PodError::Ambiguous(_) | PodError::Invalid(_) => Status::invalid_argument(msg),
         PodError::AlreadyExists { .. } => Status::already_exists(msg),
+        PodError::Precondition(_) => Status::failed_precondition(msg),
         PodError::Network { source, .. } => {
             use crate::network::NetworkError as N;
             match source {
@@ -79,6 +81,58 @@ fn port_mappings(pms: Vec<cri::PortMapping>) -> Result<Vec<crate::network::PortM
     Ok(out)
 }
 
+/// CRI userns options: mode NODE (or none) is the host's user namespace,
+/// POD a namespace of the pod's own with kubelet's mappings.
+fn userns_spec(u: Option<&cri::UserNamespace>) -> Result<Option<UserNsSpec>, String> {
+    let Some(u) = u else {
+        return Ok(None);
+    };
+    let ranges = |m: &[cri::IdMapping]| {
+        m.iter()
+            .map(|r| IdRange {
+                container_id: r.container_id,
+                host_id: r.host_id,
+                length: r.length,
+            })
+            .collect()
+    };
+    match cri::NamespaceMode::try_from(u.mode) {
+        Ok(cri::NamespaceMode::Node) => Ok(None),
+        Ok(cri::NamespaceMode::Pod) => Ok(Some(UserNsSpec {
+            uids: ranges(&u.uids),
+            gids: ranges(&u.gids),
+        })),
+        Ok(m) => Err(format!(
+            "user namespace mode {} is not valid (only POD or NODE)",
+            m.as_str_name()
+        )),
+        Err(_) => Err(format!("unknown user namespace mode {}", u.mode)),
+    }
+}
+
+fn cri_userns(u: Option<&UserNsSpec>) -> cri::UserNamespace {
+    let ranges = |m: &[IdRange]| {
+        m.iter()
+            .map(|r| cri::IdMapping {
+                host_id: r.host_id,
+                container_id: r.container_id,
+                length: r.length,
+            })
+            .collect()
+    };
+    match u {
+        None => cri::UserNamespace {
+            mode: cri::NamespaceMode::Node as i32,
+            ..Default::default()
+        },
+        Some(u) => cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: ranges(&u.uids),
+            gids: ranges(&u.gids),
+        },
+    }
+}
+
 fn ns_mode(v: i32) -> Result<NsMode, Status> {
     match cri::NamespaceMode::try_from(v) {
         Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
@@ -122,17 +176,11 @@ pub fn spec_from(
     let sc = linux.security_context.unwrap_or_default();
     let privileged = sc.privileged;
     let opts = sc.namespace_options.unwrap_or_default();
-    // Refused rather than ignored: a pod asking for its own user namespace
-    // must not run as the host's root, nor one asking for another runtime
-    // on berth's.
-    if let Some(u) = &opts.userns_options {
-        if u.mode != cri::NamespaceMode::Node as i32 {
-            return Err(Status::invalid_argument(format!(
-                "RunPodSandbox {}/{}: user namespaces (hostUsers: false) are not supported yet",
-                md.namespace, md.name
-            )));
-        }
-    }
+    let userns = userns_spec(opts.userns_options.as_ref()).map_err(|e| {
+        Status::invalid_argument(format!("RunPodSandbox {}/{}: {e}", md.namespace, md.name))
+    })?;
+    // Refused rather than ignored: a pod asking for another runtime must not
+    // run on berth's.
     if handlers.get(&req.runtime_handler).is_none() {
         return Err(Status::invalid_argument(format!(
             "RunPodSandbox {}/{}: unknown runtime handler {:?} (known: {})",
@@ -140,6 +188,17 @@ pub fn spec_from(
             md.name,
             req.runtime_handler,
             handlers.names()
+        )));
+    }
+    let handler_userns = handlers
+        .get(&req.runtime_handler)
+        .and_then(|h| h.builtin())
+        .is_some_and(|b| b.user_namespaces);
+    if userns.is_some() && !handler_userns {
+        return Err(Status::invalid_argument(format!(
+            "RunPodSandbox {}/{}: runtime handler {:?} does not run pods in user namespaces \
+             (hostUsers: false)",
+            md.namespace, md.name, req.runtime_handler
         )));
     }
     Ok(PodSpec {
@@ -168,6 +227,7 @@ pub fn spec_from(
             .map(super::container::resources_from)
             .unwrap_or_default(),
         port_mappings,
+        userns,
     })
 }
 
@@ -219,7 +279,7 @@ pub fn to_status(p: &PodRecord) -> cri::PodSandboxStatus {
                     pid: cri_ns_mode(p.spec.pid),
                     ipc: cri_ns_mode(p.spec.ipc),
                     target_id: String::new(),
-                    userns_options: None,
+                    userns_options: Some(cri_userns(p.spec.userns.as_ref())),
                 }),
             }),
         }),

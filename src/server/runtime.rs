@@ -109,13 +109,14 @@ impl RuntimeService for RuntimeApi {
                             // runc 1.1 and crun 1.8 (Debian 12) lack "rro".
                             recursive_read_only_mounts: h.builtin().is_some()
                                 && crate::container::recursive_readonly_supported(),
-                            user_namespaces: h.builtin().is_some_and(|b| b.user_namespaces),
+                            user_namespaces: h.builtin().is_some_and(|b| b.user_namespaces)
+                                && self.0.features.user_namespaces.is_ok(),
                         }),
                     })
                     .collect(),
                 features: Some(cri::RuntimeFeatures {
                     supplemental_groups_policy: true,
-                    user_namespaces_host_network: false,
+                    user_namespaces_host_network: self.0.features.user_namespaces_host_network,
                 }),
             })
         })

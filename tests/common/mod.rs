@@ -40,6 +40,7 @@ pub mod devices;
 pub mod fixture;
 pub mod handlers;
 pub mod token_server;
+pub mod userns;
 
 #[allow(unused_imports)]
 pub use fixture::*;
