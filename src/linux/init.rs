@@ -384,11 +384,13 @@ fn flags_and_data(options: &[String]) -> (MsFlags, Vec<String>, Option<MsFlags>)
             "rslave" => propagation = Some(MsFlags::MS_SLAVE | MsFlags::MS_REC),
             "shared" => propagation = Some(MsFlags::MS_SHARED),
             "rshared" => propagation = Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
-            // Handled by the caller (mount_setattr after the mount).
             // Handled by the caller (an idmapped clone with the pod's
             // mappings; mount_setattr after the mount).
             "rro" | "idmap" => {}
-            other => data.push(other.to_string()),
+            // mount(2) data is comma-separated, and specs (ours included)
+            // may carry several filesystem options in one string; fsconfig
+            // takes them one by one.
+            other => data.extend(other.split(',').filter(|s| !s.is_empty()).map(String::from)),
         }
     }
     (flags, data, propagation)

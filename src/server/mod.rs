@@ -168,10 +168,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("no usable cgroup v2, so no container device policy: non-privileged containers will be refused (set device_policy = \"best-effort\" in [security] to run them without one)");
     }
     let network = Arc::new(crate::network::Network::new(&config.network, &config.root));
-    let exe = std::env::current_exe()
-        .map_err(io("find berth's own binary", Path::new("/proc/self/exe")))?;
+    // The sealed copy berth runs from (its path on disk may be gone or
+    // replaced; /proc/self/exe names a memfd).
+    let exe = &crate::linux::selfexe::current().exec;
     let features = Arc::new(crate::features::RuntimeFeatures::probe(
-        &exe,
+        exe,
         images.image_fs_dir(),
     ));
     let pods = PodManager::open(
