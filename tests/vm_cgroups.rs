@@ -81,30 +81,8 @@ async fn setup() -> Vm {
 impl Vm {
     /// Stops and removes every pod, checks for leaks, removes `parent`.
     async fn finish(self, parents: &[&str]) {
-        let Vm {
-            mut rt,
-            berth,
-            reg,
-            ns,
-        } = self;
-        let pods = rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            })
-            .await
-            .unwrap();
-        }
-        let dir = berth.dir.clone();
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
+        let Vm { rt, berth, reg, ns } = self;
+        teardown(rt, berth, reg, ns).await;
         for parent in parents {
             let mut p = Path::new("/sys/fs/cgroup").join(parent);
             while p != Path::new("/sys/fs/cgroup") {

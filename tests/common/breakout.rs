@@ -204,30 +204,13 @@ impl Cri {
 
     /// Removes every pod, stops berth and the registry, and checks nothing
     /// is left behind.
-    pub async fn finish(mut self) {
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .expect("list pods")
-            .into_inner()
-            .items;
-        for p in pods {
-            self.rt
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await
-                .expect("remove pod");
-        }
-        let dir = self.berth.dir.clone();
+    pub async fn finish(self) {
         let Cri {
             berth,
             rt,
             ns,
             registry,
         } = self;
-        drop((rt, berth, registry));
-        ns.assert_no_leaks(&dir);
+        super::teardown(rt, berth, registry, ns).await;
     }
 }

@@ -164,30 +164,8 @@ impl DevEnv {
     /// Removes every pod (and so every container), then checks that
     /// nothing is left behind.
     pub async fn finish(self) {
-        let DevEnv {
-            mut rt,
-            berth,
-            reg,
-            ns,
-        } = self;
-        let pods = rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            })
-            .await
-            .unwrap();
-        }
-        let dir = berth.dir.clone();
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
+        let DevEnv { rt, berth, reg, ns } = self;
+        super::teardown(rt, berth, reg, ns).await;
     }
 }
 

@@ -377,36 +377,8 @@ impl Env {
         }
     }
 
-    /// Removes every pod (and so every container), then checks that no
-    /// container record, mount, process or namespace of the test is left.
-    pub async fn finish(mut self) {
-        let pods = self
-            .rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            self.rt
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id.clone(),
-                })
-                .await
-                .unwrap_or_else(|e| panic!("remove pod {}: {e:?}", p.id));
-        }
-        let left = self
-            .rt
-            .list_containers(cri::ListContainersRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .containers;
-        assert!(
-            left.is_empty(),
-            "containers left after removing their pods: {left:?}"
-        );
-        let dir = self.berth.dir.clone();
+    /// [`teardown`] of this environment.
+    pub async fn finish(self) {
         let Env {
             rt,
             im,
@@ -415,9 +387,46 @@ impl Env {
             ns,
             ..
         } = self;
-        drop((rt, im));
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
+        drop(im);
+        teardown(rt, berth, reg, ns).await;
     }
+}
+
+/// Removes every pod (and so every container) and checks that no container
+/// record is left; then stops the daemon and the registry, and checks that
+/// no mount, process, namespace or cgroup of the test is left.
+pub async fn teardown(
+    mut rt: RuntimeServiceClient<Channel>,
+    berth: Berth,
+    reg: Registry,
+    ns: Netns,
+) {
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    for p in pods {
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: p.id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("remove pod {}: {e:?}", p.id));
+    }
+    let left = rt
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(
+        left.is_empty(),
+        "containers left after removing their pods: {left:?}"
+    );
+    let dir = berth.dir.clone();
+    drop(rt);
+    drop(berth);
+    drop(reg);
+    ns.assert_no_leaks(&dir);
 }

@@ -208,30 +208,9 @@ impl UsernsEnv {
     /// Removes every pod, stops berth and checks that nothing leaked.
     pub async fn finish(self) {
         let UsernsEnv {
-            mut rt,
-            berth,
-            reg,
-            ns,
-            ..
+            rt, berth, reg, ns, ..
         } = self;
-        let pods = rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for p in pods {
-            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            })
-            .await
-            .unwrap();
-        }
-        let dir = berth.dir.clone();
-        drop(rt);
-        drop(berth);
-        drop(reg);
-        ns.assert_no_leaks(&dir);
+        super::teardown(rt, berth, reg, ns).await;
     }
 }
 
