@@ -1181,7 +1181,10 @@ pub struct Berth {
     _tmp: tempfile::TempDir,
 }
 
-pub const BERTH_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// A bound, not a measurement: under TCG emulation on a loaded host (the VM
+/// suite) startup's few process spawns (the idmap probe, OCI runtimes'
+/// --version) can take tens of seconds.
+pub const BERTH_START_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Berth {
     pub fn start(ns: &Netns, opts: BerthOpts) -> Berth {
