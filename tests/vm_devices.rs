@@ -132,6 +132,12 @@ async fn vm_device_policy_is_enforced_replaced_and_removed() {
             .expect("RemoveContainer");
     }
     assert!(!cg.exists() && !pcg.exists());
+    // The kernel frees a removed cgroup's programs from a workqueue, after
+    // the rmdir returns: wait for it (bounded), it must happen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !loaded_programs("berth_devices").is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     assert_eq!(loaded_programs("berth_devices"), Vec::<u64>::new());
     assert_eq!(
         bpf_fds(daemon),
